@@ -1,0 +1,211 @@
+"""The ``layertap`` command: a thin layer over the library; errors are one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .errors import LayertapError
+
+log = logging.getLogger("layertap")
+
+EXAMPLES = """examples:
+  layertap models
+  layertap layers alexnet
+  layertap extract --model alexnet --layers features.10 classifier.4 --images ./images --out ./acts
+  layertap extract --model resnet50 --layers 'layer?' avgpool --flatten --images ./images --out ./acts
+  layertap extract --model alexnet --interactive --images ./images --out ./acts
+  layertap export ./acts --format npy
+"""
+
+
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="extract activations of one or more layers for a folder of images",
+        description="Extract activations of one or more layers for every image and stream them to a run "
+        "directory (Zarr arrays + manifest.json). Re-running the same command resumes an interrupted run. "
+        "The underscore spellings of the original extract.py (--model_name, --module_name, --in_path, ...) "
+        "are accepted too.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
+    p.add_argument("--model", "--model_name", "-m", required=True, help="model name, e.g. alexnet or torchvision:resnet50 (see 'layertap models')")
+    p.add_argument("--layers", "--layer", "--module_name", "-l", nargs="+", metavar="LAYER",
+                   help="module names or glob patterns ('features.*', 'layer?', 'layer4.**'); see 'layertap layers MODEL'")
+    p.add_argument("--interactive", action="store_true", help="print the model and ask which layer(s) to extract")
+    p.add_argument("--images", "--in_path", "-i", required=True,
+                   help="image folder (flat or class subfolders; THINGS recognised) or a .txt/.csv list of paths")
+    p.add_argument("--out", "--out_path", "-o", required=True, help="run directory to write (created; resumed if unfinished)")
+    w = p.add_argument_group("weights")
+    w.add_argument("--weights", default=None,
+                   help="'pretrained' (default: the source's published weights, never silently replaced), 'random' "
+                   "(untrained, from --seed), a weights id such as IMAGENET1K_V2, or a state_dict/checkpoint file")
+    w.add_argument("--pretrained", action="store_true", help="same as --weights pretrained (original extract.py flag)")
+    w.add_argument("--model_path", "--model-path", metavar="FILE", help="same as --weights FILE (original extract.py flag)")
+    o = p.add_argument_group("options")
+    o.add_argument("--batch-size", "--batch_size", type=int, default=64, help="images per forward pass (default 64)")
+    o.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: the best available)")
+    o.add_argument("--workers", type=int, default=None, help="image decoding processes (default: cores - 1)")
+    o.add_argument("--flatten", "--flatten_acts", action="store_true", help="store each image's activations as a vector (images x N)")
+    o.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="storage type (computation is always float32; default float32)")
+    o.add_argument("--seed", "--rnd_seed", type=int, default=0, help="seed for random weights and --fraction (default 0)")
+    o.add_argument("--fraction", type=float, default=None, help="extract a reproducible random fraction of the images (0-1]")
+    o.add_argument("--things", action="store_true", help="images are THINGS (images/<concept>/...): require things_concepts.tsv")
+    o.add_argument("--on-error", "--on_error", default="skip", choices=["skip", "fail"],
+                   help="unreadable image: skip it and record it in the manifest (default) or stop")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    o.add_argument("--format", "--file_format", dest="file_format", default=None,
+                   help="also export each layer as npy or txt into OUT/export-<format> when done")
+    o.add_argument("--chunk-rows", type=int, default=None, help="rows per stored chunk (default: about 16 MB per chunk)")
+    o.add_argument("--no-channels-last", action="store_true", help="keep the default memory layout for conv nets")
+    o.add_argument("--no-exif-transpose", action="store_true", help="ignore EXIF orientation tags (default: apply them)")
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info messages")
+    p.set_defaults(func=cmd_extract)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layertap",
+        description="Tap the hidden layers of vision models: list models and layers, extract activations "
+        "for image folders to disk, export them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"layertap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the models layertap can load")
+    p.add_argument("--source", default=None, help="only this source (e.g. torchvision)")
+    p.add_argument("filter", nargs="?", default=None, help="only names containing this text")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("layers", help="print a model's layers: name, type, output shape, parameters")
+    p.add_argument("model", help="model name (see 'layertap models')")
+    p.add_argument("--weights", default="random",
+                   help="weights to load (default random: names and shapes do not depend on weights)")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="image size for the output shapes (default: the model's input size)")
+    p.set_defaults(func=cmd_layers)
+
+    _add_extract(sub)
+
+    p = sub.add_parser("export", help="export a run's layers to npy or txt files (one file per layer)")
+    p.add_argument("run", help="run directory written by 'layertap extract'")
+    p.add_argument("--format", "-f", default="npy", help="npy or txt (default npy)")
+    p.add_argument("--out", "-o", default=None, help="output folder (default RUN/export-<format>)")
+    p.add_argument("--layers", nargs="+", default=None, help="only these layers")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from .models import list_models
+
+    for name in list_models(args.source):
+        if args.filter is None or args.filter.lower() in name.lower():
+            print(name)
+
+
+def cmd_layers(args: argparse.Namespace) -> None:
+    from .layers import format_layer_table, list_layers
+    from .models import load_model
+
+    model = load_model(args.model, args.weights)
+    size = None if args.input_size is None else (model.input_size[0], *args.input_size)
+    print(f"{model.name}  (input {'x'.join(map(str, size or model.input_size))})")
+    print(format_layer_table(list_layers(model, size)))
+
+
+def _ask_layers(model: object, names: list[str]) -> list[str]:
+    from .layers import resolve_layers
+
+    print(model)
+    print("\nLayers are named by their dotted path, e.g. " + ", ".join(names[:3]) + " (globs such as 'features.*' work).")
+    while True:
+        try:
+            answer = input("Layer(s) to extract (separate several by spaces): ").split()
+        except EOFError:
+            raise LayertapError("no layer chosen (end of input); pass --layers instead of --interactive") from None
+        if not answer:
+            continue
+        try:
+            return resolve_layers(model, answer)  # type: ignore[arg-type]
+        except LayertapError as err:
+            print(f"  {err}", file=sys.stderr)
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from .extraction import extract
+    from .formats import export
+    from .models import load_model
+
+    sources = [s for s in (args.weights, "pretrained" if args.pretrained else None, args.model_path) if s]
+    if len(set(sources)) > 1:
+        raise LayertapError(f"conflicting weights: {', '.join(sources)}; give one of --weights, --pretrained, --model_path")
+    weights = sources[0] if sources else "pretrained"
+    if args.file_format and args.file_format.lstrip(".").lower() not in ("npy", "txt"):
+        raise LayertapError(f"--format must be npy or txt, not {args.file_format}")
+    if not args.layers and not args.interactive:
+        raise LayertapError("name the layer(s) with --layers (see 'layertap layers MODEL') or use --interactive")
+    model = load_model(args.model, weights, seed=args.seed)
+    if weights == "random":
+        log.warning("using RANDOM (untrained) weights, seed %d, as asked", args.seed)
+    layers = args.layers or _ask_layers(model.module, [n for n, _ in model.module.named_modules() if n])
+    run = extract(
+        model,
+        args.images,
+        layers,
+        args.out,
+        batch_size=args.batch_size,
+        device=args.device,
+        workers=args.workers,
+        flatten=args.flatten,
+        dtype=args.dtype,
+        fraction=args.fraction,
+        seed=args.seed,
+        things=args.things,
+        on_error=args.on_error,
+        overwrite=args.overwrite,
+        channels_last=False if args.no_channels_last else "auto",
+        chunk_rows=args.chunk_rows,
+        exif_transpose=not args.no_exif_transpose,
+        progress=not args.quiet,
+    )
+    shapes = ", ".join(f"{name} {'x'.join(map(str, run[name].shape))}" for name in run.layers)
+    log.info("stored %s in %s", shapes, run.path)
+    if args.file_format:
+        paths = export(run, args.file_format)
+        log.info("exported %d files to %s", len(paths), paths[0].parent)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .formats import export
+
+    paths = export(args.run, args.format, args.out, args.layers)
+    log.info("wrote %d files to %s", len(paths), paths[0].parent)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="layertap: %(message)s")
+    try:
+        args.func(args)
+    except LayertapError as err:
+        print(f"layertap: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("layertap: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Extraction: the :class:`Extractor` tap (hooks on named layers) and the dataset-level :func:`extract`.
+
+The tap keeps every call of a module that runs several times per forward, copies outputs so
+that a later in-place op (``ReLU(inplace=True)``) cannot change them, and stops the forward pass
+once every requested layer has produced all of its outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import ALPHA_BACKGROUND, ImageSet, iter_batches
+from .errors import LayertapError
+from .layers import output_tensor, resolve_layers
+from .models import LoadedModel, as_loaded, load_model
+from .storage import STORAGE_DTYPES, Run, RunWriter
+
+log = logging.getLogger("layertap")
+
+
+class _StopForward(Exception):
+    """Raised from the last hook to end a forward pass whose remaining layers are not needed."""
+
+
+class Extractor:
+    """Tap named layers of a model, in memory: ``with Extractor(model, ["layer3", "avgpool"]) as tap``.
+
+    ``tap(x)`` runs ``x`` (a batch already on the model's device) through the model and returns
+    ``{layer: Tensor}`` with the batch axis first. A module that runs ``k > 1`` times per forward
+    gives ``layer#0`` … ``layer#{k-1}``. ``flatten=True`` reshapes each output to (B, N).
+    ``stop_early=True`` ends the forward as soon as all requested outputs exist (the first call
+    runs the whole model once to learn how many times each layer runs). Hooks are removed on
+    exit, whatever happens.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | LoadedModel,
+        layers: str | list[str],
+        *,
+        flatten: bool = False,
+        stop_early: bool = True,
+    ) -> None:
+        self.model = as_loaded(model)
+        self.module = self.model.module
+        self.layers = resolve_layers(self.module, layers)
+        self.flatten = flatten
+        self.stop_early = stop_early
+        self.calls: dict[str, int] | None = None
+        self._handles: list[Any] = []
+        self._outputs: dict[str, list[torch.Tensor]] = {}
+        self._remaining: int | None = None
+
+    def _hook(self, name: str):  # noqa: ANN202
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            t = output_tensor(out, name).detach()
+            if self.flatten:
+                t = t.reshape(t.shape[0], -1)
+            if t.untyped_storage().data_ptr() == output_tensor(out, name).untyped_storage().data_ptr():
+                t = t.clone()  # a view would change under a later in-place op
+            self._outputs[name].append(t)
+            if self._remaining is not None:
+                self._remaining -= 1
+                if self._remaining == 0:
+                    raise _StopForward
+
+        return hook
+
+    def __enter__(self) -> Extractor:
+        modules = dict(self.module.named_modules())
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layers]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._outputs = {}
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self._handles:
+            with self:
+                return self(x)
+        self._outputs = {n: [] for n in self.layers}
+        self._remaining = sum(self.calls.values()) if (self.calls and self.stop_early) else None
+        try:
+            with torch.inference_mode():
+                self.module(x)
+        except _StopForward:
+            pass
+        finally:
+            self._remaining = None
+        outputs, self._outputs = self._outputs, {n: [] for n in self.layers}
+        if self.calls is None:
+            silent = [n for n, v in outputs.items() if not v]
+            if silent:
+                raise LayertapError(
+                    f"layer(s) {', '.join(silent)} never ran during the forward pass; tap modules that forward() uses"
+                )
+            self.calls = {n: len(v) for n, v in outputs.items()}
+        result: dict[str, torch.Tensor] = {}
+        for name, outs in outputs.items():
+            if len(outs) == 1:
+                result[name] = outs[0]
+            else:
+                result.update({f"{name}#{k}": t for k, t in enumerate(outs)})
+        return result
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' (or None) picks cuda, then mps, then cpu; anything else is checked to exist."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LayertapError("--device cuda asked for, but no CUDA GPU is available; use --device cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LayertapError("--device mps asked for, but MPS is not available; use --device cpu or auto")
+    return dev
+
+
+def prepare_module(module: nn.Module, device: torch.device, channels_last: bool | str = "auto") -> bool:
+    """Move the module to ``device`` (in place); use channels_last memory for conv nets.
+
+    channels_last changes the order of float operations inside convolutions, not what is
+    computed: results agree with the default layout to float32 rounding (tested), and it is
+    15–30% faster on CPUs. Returns whether channels_last is used.
+    """
+    if channels_last == "auto":
+        channels_last = device.type in ("cpu", "cuda") and any(isinstance(m, nn.Conv2d) for m in module.modules())
+    module.to(device)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    module.eval()
+    return bool(channels_last)
+
+
+def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tensor as the numpy array to store (bfloat16 as its uint16 bit patterns)."""
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return t.to(getattr(torch, dtype)).cpu().numpy()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("layertap", "torch", "torchvision", "numpy", "pillow", "zarr"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def extract(
+    model: nn.Module | LoadedModel | str,
+    images: str | os.PathLike[str] | ImageSet,
+    layers: str | list[str],
+    out: str | os.PathLike[str],
+    *,
+    weights: str = "pretrained",
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    workers: int | None = None,
+    flatten: bool = False,
+    dtype: str = "float32",
+    fraction: float | None = None,
+    seed: int = 0,
+    things: bool = False,
+    on_error: str = "skip",
+    overwrite: bool = False,
+    channels_last: bool | str = "auto",
+    chunk_rows: int | None = None,
+    exif_transpose: bool = True,
+    progress: bool = True,
+) -> Run:
+    """Extract ``layers`` of ``model`` for every image in ``images`` into the run directory ``out``.
+
+    Activations are written batch by batch (memory stays bounded by the batch and one chunk per
+    layer). Re-running the same call on an interrupted run resumes it and gives the same bytes
+    as an uninterrupted run; on a finished run it returns that run. Returns the :class:`Run`:
+    ``run["avgpool"]`` has shape (images, ...) or (images, N) with ``flatten``.
+
+    ``model`` is a loaded model, any ``nn.Module``, or a name for :func:`load_model` (with
+    ``weights`` and ``seed``). ``images`` is a folder, a .txt/.csv list or an :class:`ImageSet`;
+    ``fraction`` takes a reproducible random subset (drawn with ``seed``). Images that cannot
+    be decoded are skipped, logged and recorded (``on_error="fail"`` stops instead).
+    ``dtype`` is the storage type (float32, float16, bfloat16); computation is float32.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise LayertapError(f"unknown dtype '{dtype}'; choose one of {', '.join(STORAGE_DTYPES)}")
+    if on_error not in ("skip", "fail"):
+        raise LayertapError(f"--on-error must be 'skip' or 'fail', not '{on_error}'")
+    if batch_size < 1:
+        raise LayertapError(f"--batch-size must be at least 1, got {batch_size}")
+    loaded = load_model(model, weights, seed=seed) if isinstance(model, str) else as_loaded(model)
+    imageset = images if isinstance(images, ImageSet) else ImageSet.from_path(images, things=things)
+    if fraction is not None:
+        imageset = imageset.subset(fraction, seed)
+    names = resolve_layers(loaded.module, layers)
+    dev = resolve_device(device)
+    use_cl = prepare_module(loaded.module, dev, channels_last)
+    n = len(imageset)
+    options = {
+        "batch_size": batch_size,
+        "flatten": flatten,
+        "dtype": dtype,
+        "device": str(dev),
+        "channels_last": use_cl,
+        "chunk_rows": chunk_rows,
+        "exif_transpose": exif_transpose,
+        "on_error": on_error,
+        "seed": seed,
+    }
+    spec = {"model": loaded.provenance, "layers": names, "images": imageset.fingerprint(), "n_images": n, **options}
+    spec.pop("on_error")  # how failures are handled does not change what is stored
+    writer = RunWriter(out, spec, overwrite=overwrite)
+    with writer:
+        if writer.already_complete:
+            log.info("%s is already complete; nothing to do (pass overwrite=True to redo it)", out)
+            return Run(out)
+        writer.begin(
+            {
+                "layertap": "run",
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "versions": _versions(),
+                "command": sys.argv if Path(sys.argv[0]).name == "layertap" else None,
+                "model": loaded.provenance,
+                "layers_requested": [layers] if isinstance(layers, str) else list(layers),
+                "options": {**options, "workers": workers, "fraction": fraction},
+                "decode": {
+                    "library": "PIL",
+                    "exif_transpose": exif_transpose,
+                    "alpha_background": list(ALPHA_BACKGROUND),
+                    "gray_16bit": "scaled to 8 bits (value / 257, rounded)",
+                },
+            }
+        )
+        start = writer.resume_image
+        if start:
+            log.info("resuming %s at image %d of %d", out, start, n)
+        first = (start // batch_size) * batch_size  # same batches as the first attempt: same bytes
+        _run_batches(loaded, imageset, names, writer, dev, use_cl, first, start, batch_size, workers,
+                     flatten, dtype, on_error, chunk_rows, exif_transpose, progress)
+        skipped = writer.finish(n)
+        if not writer.has_layers:
+            raise LayertapError(f"none of the {n} images could be decoded (first error: {skipped[0][1]})")
+        skipped_set = {i for i, _ in skipped}
+        rows = []
+        for i, path in enumerate(imageset.paths):
+            if i in skipped_set:
+                continue
+            row: dict[str, Any] = {"path": imageset.relpath(path)}
+            if imageset.targets is not None:
+                row["target"] = imageset.targets[i]
+                row["class"] = imageset.class_name(i)
+            rows.append(row)
+        writer.complete(
+            {
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "images": {
+                    "root": imageset.root,
+                    "layout": imageset.layout,
+                    "n_total": n,
+                    "n_stored": len(rows),
+                    "classes": imageset.classes,
+                    "concepts": imageset.concepts,
+                    "selection": imageset.selection,
+                    "rows": rows,
+                    "skipped": [{"path": imageset.relpath(imageset.paths[i]), "reason": r} for i, r in skipped],
+                },
+            }
+        )
+    if skipped:
+        log.warning("%d of %d images could not be decoded and were skipped (listed in the manifest)", len(skipped), n)
+    return Run(out)
+
+
+def _run_batches(
+    loaded: LoadedModel,
+    imageset: ImageSet,
+    names: list[str],
+    writer: RunWriter,
+    dev: torch.device,
+    use_cl: bool,
+    first: int,
+    start: int,
+    batch_size: int,
+    workers: int | None,
+    flatten: bool,
+    dtype: str,
+    on_error: str,
+    chunk_rows: int | None,
+    exif_transpose: bool,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    n = len(imageset)
+    batches = iter_batches(
+        imageset.paths, loaded.transform, batch_size, start=first, workers=workers,
+        pin_memory=dev.type == "cuda", exif_transpose=exif_transpose,
+    )
+    bar = tqdm(total=n, initial=start, unit="img", desc="extract", disable=None if progress else True, smoothing=0.1)
+    with Extractor(loaded, names, flatten=flatten) as tap, bar:
+        for batch in batches:
+            for idx, reason in batch.failed:
+                if idx < start:
+                    continue  # recorded by the interrupted attempt
+                path = imageset.paths[idx]
+                if on_error == "fail":
+                    raise LayertapError(f"cannot decode {path}: {reason} (use --on-error skip to skip such images)")
+                log.warning("skipping %s: %s", path, reason)
+                writer.skip(idx, reason)
+            if batch.indices:
+                x = batch.images.to(dev, non_blocking=True)
+                if use_cl and x.ndim == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                feats = tap(x)
+                keep = [k for k, i in enumerate(batch.indices) if i >= start]
+                if not writer.has_layers:
+                    info = {
+                        key: {"module": key.split("#")[0], "shape": list(t.shape[1:])} for key, t in feats.items()
+                    }
+                    writer.create_layers(info, n, dtype, chunk_rows)
+                if len(keep) < len(batch.indices):
+                    feats = {k: t[keep] for k, t in feats.items()}
+                writer.add({k: to_storage(t, dtype) for k, t in feats.items()}, [batch.indices[k] for k in keep])
+            bar.update(sum(1 for i in batch.indices if i >= start) + sum(1 for i, _ in batch.failed if i >= start))
