@@ -1,0 +1,167 @@
+"""Activations equal an independent reference (plain torchvision model + hand-written hooks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.models as tvm
+from conftest import reference_batch, reference_outputs
+
+import layertap as lt
+
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+CASES = {
+    # features.0 is followed by ReLU(inplace=True): the stored conv output must not be rectified
+    "alexnet": ["features.0", "features.10", "classifier.4", "classifier.5"],
+    "resnet18": ["layer1", "layer3.1.conv2", "avgpool", "fc"],
+    "vgg11": ["features.3", "features.20", "classifier.3"],
+}
+
+
+def _reference_model(name: str, weights_file: Path) -> torch.nn.Module:
+    model = tvm.get_model(name, weights=None)
+    model.load_state_dict(torch.load(weights_file, weights_only=True))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_extract_matches_reference(name: str, image_dir: Path, tmp_path: Path) -> None:
+    layers = CASES[name]
+    model = lt.load_model(name, weights="random", seed=3)
+    weights_file = tmp_path / "w.pt"
+    torch.save(model.module.state_dict(), weights_file)
+
+    run = lt.extract(lt.load_model(name, weights_file), image_dir, layers, tmp_path / "run", batch_size=4, workers=0)
+    assert run.complete and run.layers == layers
+
+    paths = [str(image_dir / p) for p in run.images]
+    assert paths == sorted(paths) and len(paths) == 9
+    ref = reference_outputs(_reference_model(name, weights_file), reference_batch(paths, name), layers)
+    for layer in layers:
+        want = ref[layer][0].numpy()
+        got = run[layer][:]
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, **TOL, err_msg=layer)
+    # the classes are the folder names, targets index them
+    assert run.classes == ["cat", "dog", "rocket"]
+    assert run.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_inplace_relu_does_not_leak_into_stored_conv(image_dir: Path, tmp_path: Path) -> None:
+    run = lt.extract("alexnet", image_dir, ["features.0", "features.1"], tmp_path / "r", weights="random", workers=0)
+    conv, relu = run["features.0"][:], run["features.1"][:]
+    assert (conv < 0).any(), "conv output was rectified by the in-place ReLU"
+    np.testing.assert_allclose(np.maximum(conv, 0), relu, **TOL)
+
+
+def test_extractor_in_memory_and_early_stop() -> None:
+    model = lt.load_model("resnet18", weights="random", seed=0)
+    ref_model = tvm.get_model("resnet18", weights=None)
+    ref_model.load_state_dict(model.module.state_dict())
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    ran = []
+    handle = model.module.layer4.register_forward_hook(lambda *a: ran.append(1))
+    with lt.Extractor(model, ["layer1", "layer2.0.conv1"]) as tap:
+        first = tap(x)  # the first call runs everything once, to count calls
+        assert len(ran) == 1
+        second = tap(x)
+        assert len(ran) == 1, "layer4 ran although layer2 was the deepest requested layer"
+    handle.remove()
+    assert not model.module.layer1._forward_hooks, "hooks must be removed on exit"
+    ref = reference_outputs(ref_model, x, ["layer1", "layer2.0.conv1"])
+    for out in (first, second):
+        assert set(out) == {"layer1", "layer2.0.conv1"}
+        for k, v in out.items():
+            torch.testing.assert_close(v, ref[k][0], **TOL)
+
+
+def test_extractor_flatten_and_hooks_removed_on_error() -> None:
+    model = lt.load_model("alexnet", weights="random")
+    with pytest.raises(RuntimeError):
+        with lt.Extractor(model, ["features.3"]) as tap:
+            tap(torch.randn(1, 3, 8, 8))  # too small for alexnet: the forward fails
+    assert all(not m._forward_hooks for m in model.module.modules())
+    with lt.Extractor(model, "features.3", flatten=True) as tap:
+        out = tap(torch.randn(2, 3, 224, 224))
+    assert out["features.3"].shape == (2, 192 * 27 * 27)
+
+
+class Recurrent(torch.nn.Module):
+    """One cell applied three times: every call must be kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.cell = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for _ in range(3):
+            h = torch.relu(self.cell(h))
+        return self.head(h.mean((2, 3)))
+
+
+def test_reused_module_keeps_every_call() -> None:
+    torch.manual_seed(0)
+    net = Recurrent().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with lt.Extractor(net, ["cell", "head"]) as tap:
+        out = tap(x)
+        again = tap(x)  # early-stop path, counts learned
+    assert sorted(out) == ["cell#0", "cell#1", "cell#2", "head"]
+    h = net.stem(x)
+    for k in range(3):
+        c = net.cell(h)
+        torch.testing.assert_close(out[f"cell#{k}"], c.detach())
+        torch.testing.assert_close(again[f"cell#{k}"], c.detach())
+        h = torch.relu(c)
+
+
+def test_reused_module_extract_to_disk(image_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = lt.from_module(Recurrent(), name="recurrent")
+    run = lt.extract(net, image_dir, ["cell"], tmp_path / "r", batch_size=4, workers=0, channels_last=False)
+    assert run.layers == ["cell#0", "cell#1", "cell#2"]
+    assert run["cell#2"].shape == (9, 4, 224, 224)
+
+
+def test_early_stop_extract_matches_full(image_dir: Path, tmp_path: Path) -> None:
+    model = lt.load_model("resnet18", weights="random", seed=5)
+    early = lt.extract(model, image_dir, ["layer1"], tmp_path / "a", batch_size=4, workers=0)
+    ref = reference_outputs(model.module, reference_batch([str(image_dir / p) for p in early.images], "resnet18")
+                            .contiguous(memory_format=torch.channels_last), ["layer1"])
+    np.testing.assert_allclose(early["layer1"][:], ref["layer1"][0].numpy(), **TOL)
+
+
+def test_storage_dtypes(image_dir: Path, tmp_path: Path) -> None:
+    model = lt.load_model("alexnet", weights="random", seed=2)
+    full = lt.extract(model, image_dir, ["classifier.1"], tmp_path / "f32", workers=0)["classifier.1"][:]
+    half = lt.extract(model, image_dir, ["classifier.1"], tmp_path / "f16", workers=0, dtype="float16")
+    assert half["classifier.1"].dtype == np.float16
+    np.testing.assert_array_equal(half["classifier.1"][:], full.astype(np.float16))
+    bf = lt.extract(model, image_dir, ["classifier.1"], tmp_path / "bf16", workers=0, dtype="bfloat16")
+    want = torch.from_numpy(full).to(torch.bfloat16).float().numpy()
+    assert bf["classifier.1"].dtype == np.float32 and bf.manifest["layers"]["classifier.1"]["dtype"] == "bfloat16"
+    np.testing.assert_array_equal(bf["classifier.1"][:], want)
+
+
+def test_flatten_and_chunked_reads(image_dir: Path, tmp_path: Path) -> None:
+    model = lt.load_model("alexnet", weights="random", seed=2)
+    native = lt.extract(model, image_dir, ["features.12"], tmp_path / "n", workers=0, chunk_rows=2)
+    flat = lt.extract(model, image_dir, ["features.12"], tmp_path / "f", workers=0, flatten=True, chunk_rows=4)
+    assert native["features.12"].shape == (9, 256, 6, 6) and flat["features.12"].shape == (9, 9216)
+    np.testing.assert_array_equal(native["features.12"][:].reshape(9, -1), flat["features.12"][:])
+    blocks = list(flat["features.12"].iter_chunks())
+    assert [s for s, _ in blocks] == [0, 4, 8]
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), np.asarray(flat["features.12"]))
+
+
+def test_same_command_is_deterministic(image_dir: Path, tmp_path: Path) -> None:
+    a = lt.extract("resnet18", image_dir, ["layer2"], tmp_path / "a", weights="random", seed=7, workers=0)
+    b = lt.extract("resnet18", image_dir, ["layer2"], tmp_path / "b", weights="random", seed=7, workers=2)
+    assert a["layer2"][:].tobytes() == b["layer2"][:].tobytes()
