@@ -5,7 +5,7 @@ Layout of a run directory::
     manifest.json        what was run (model, weights, transform, layers, images, options) + status
     progress.json        the resume cursor: rows committed and the image position they reach
     arrays/<layer>/      one Zarr array per layer, rows = images in manifest order
-    .lock                held (flock) by the process writing the run
+    .lock                locked (fcntl.lockf) by the process writing the run
 
 Why Zarr rather than HDF5: every chunk is its own file, so a process killed mid-write (kill -9,
 a full disk) can damage at most the chunk being written, never the rest of the store; HDF5 keeps
@@ -212,7 +212,9 @@ class RunWriter:
         except OSError as err:
             raise disk_error(err, self.path) from None
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # POSIX record locks belong to this process only: forked decode workers do not inherit them,
+            # so a kill -9 of the main process frees the directory at once.
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock.close()
             raise LayertapError(
@@ -382,7 +384,7 @@ class RunWriter:
 
     def close(self) -> None:
         if not self._lock.closed:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            fcntl.lockf(self._lock, fcntl.LOCK_UN)
             self._lock.close()
 
     def __enter__(self) -> RunWriter:
