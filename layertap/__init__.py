@@ -1,9 +1,9 @@
 """layertap: tap the hidden layers of vision models, stream activations to disk.
 
-    import layertap as lt
-    model = lt.load_model("resnet50", weights="pretrained")
-    run = lt.extract(model, "./images", layers=["layer3", "avgpool"], out="./acts")
-    run["avgpool"][:10]
+import layertap as lt
+model = lt.load_model("resnet50", weights="pretrained")
+run = lt.extract(model, "./images", layers=["layer3", "avgpool"], out="./acts")
+run["avgpool"][:10]
 """
 
 from .data import ImageSet

@@ -32,37 +32,91 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
     )
-    p.add_argument("--model", "--model_name", "-m", required=True, help="model name, e.g. alexnet or torchvision:resnet50 (see 'layertap models')")
-    p.add_argument("--layers", "--layer", "--module_name", "-l", nargs="+", metavar="LAYER",
-                   help="module names or glob patterns ('features.*', 'layer?', 'layer4.**'); see 'layertap layers MODEL'")
+    p.add_argument(
+        "--model",
+        "--model_name",
+        "-m",
+        required=True,
+        help="model name, e.g. alexnet or torchvision:resnet50 (see 'layertap models')",
+    )
+    p.add_argument(
+        "--layers",
+        "--layer",
+        "--module_name",
+        "-l",
+        nargs="+",
+        metavar="LAYER",
+        help="module names or glob patterns ('features.*', 'layer?', 'layer4.**'); see 'layertap layers MODEL'",
+    )
     p.add_argument("--interactive", action="store_true", help="print the model and ask which layer(s) to extract")
-    p.add_argument("--images", "--in_path", "-i", required=True,
-                   help="image folder (flat or class subfolders; THINGS recognised) or a .txt/.csv list of paths")
-    p.add_argument("--out", "--out_path", "-o", required=True, help="run directory to write (created; resumed if unfinished)")
+    p.add_argument(
+        "--images",
+        "--in_path",
+        "-i",
+        required=True,
+        help="image folder (flat or class subfolders; THINGS recognised) or a .txt/.csv list of paths",
+    )
+    p.add_argument(
+        "--out", "--out_path", "-o", required=True, help="run directory to write (created; resumed if unfinished)"
+    )
     w = p.add_argument_group("weights")
-    w.add_argument("--weights", default=None,
-                   help="'pretrained' (default: the source's published weights, never silently replaced), 'random' "
-                   "(untrained, from --seed), a weights id such as IMAGENET1K_V2, or a state_dict/checkpoint file")
+    w.add_argument(
+        "--weights",
+        default=None,
+        help="'pretrained' (default: the source's published weights, never silently replaced), 'random' "
+        "(untrained, from --seed), a weights id such as IMAGENET1K_V2, or a state_dict/checkpoint file",
+    )
     w.add_argument("--pretrained", action="store_true", help="same as --weights pretrained (original extract.py flag)")
-    w.add_argument("--model_path", "--model-path", metavar="FILE", help="same as --weights FILE (original extract.py flag)")
+    w.add_argument(
+        "--model_path", "--model-path", metavar="FILE", help="same as --weights FILE (original extract.py flag)"
+    )
     o = p.add_argument_group("options")
     o.add_argument("--batch-size", "--batch_size", type=int, default=64, help="images per forward pass (default 64)")
     o.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: the best available)")
     o.add_argument("--workers", type=int, default=None, help="image decoding processes (default: cores - 1)")
-    o.add_argument("--flatten", "--flatten_acts", action="store_true", help="store each image's activations as a vector (images x N)")
-    o.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="storage type (computation is always float32; default float32)")
-    o.add_argument("--seed", "--rnd_seed", type=int, default=0, help="seed for random weights and --fraction (default 0)")
-    o.add_argument("--fraction", type=float, default=None, help="extract a reproducible random fraction of the images (0-1]")
-    o.add_argument("--things", action="store_true", help="images are THINGS (images/<concept>/...): require things_concepts.tsv")
-    o.add_argument("--on-error", "--on_error", default="skip", choices=["skip", "fail"],
-                   help="unreadable image: skip it and record it in the manifest (default) or stop")
+    o.add_argument(
+        "--flatten",
+        "--flatten_acts",
+        action="store_true",
+        help="store each image's activations as a vector (images x N)",
+    )
+    o.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="storage type (computation is always float32; default float32)",
+    )
+    o.add_argument(
+        "--seed", "--rnd_seed", type=int, default=0, help="seed for random weights and --fraction (default 0)"
+    )
+    o.add_argument(
+        "--fraction", type=float, default=None, help="extract a reproducible random fraction of the images (0-1]"
+    )
+    o.add_argument(
+        "--things", action="store_true", help="images are THINGS (images/<concept>/...): require things_concepts.tsv"
+    )
+    o.add_argument(
+        "--on-error",
+        "--on_error",
+        default="skip",
+        choices=["skip", "fail"],
+        help="unreadable image: skip it and record it in the manifest (default) or stop",
+    )
     o.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    o.add_argument("--format", "--file_format", dest="file_format", default=None,
-                   help="also export each layer as npy or txt into OUT/export-<format> when done")
-    o.add_argument("--chunk-rows", type=int, default=None, help="rows per stored chunk (default: about 16 MB per chunk)")
+    o.add_argument(
+        "--format",
+        "--file_format",
+        dest="file_format",
+        default=None,
+        help="also export each layer as npy or txt into OUT/export-<format> when done",
+    )
+    o.add_argument(
+        "--chunk-rows", type=int, default=None, help="rows per stored chunk (default: about 16 MB per chunk)"
+    )
     o.add_argument("--no-channels-last", action="store_true", help="keep the default memory layout for conv nets")
-    o.add_argument("--no-exif-transpose", action="store_true", help="ignore EXIF orientation tags (default: apply them)")
+    o.add_argument(
+        "--no-exif-transpose", action="store_true", help="ignore EXIF orientation tags (default: apply them)"
+    )
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info messages")
     p.set_defaults(func=cmd_extract)
 
@@ -87,10 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("layers", help="print a model's layers: name, type, output shape, parameters")
     p.add_argument("model", help="model name (see 'layertap models')")
-    p.add_argument("--weights", default="random",
-                   help="weights to load (default random: names and shapes do not depend on weights)")
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="image size for the output shapes (default: the model's input size)")
+    p.add_argument(
+        "--weights",
+        default="random",
+        help="weights to load (default random: names and shapes do not depend on weights)",
+    )
+    p.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="image size for the output shapes (default: the model's input size)",
+    )
     p.set_defaults(func=cmd_layers)
 
     _add_extract(sub)
@@ -126,7 +189,9 @@ def _ask_layers(model: object, names: list[str]) -> list[str]:
     from .layers import resolve_layers
 
     print(model)
-    print("\nLayers are named by their dotted path, e.g. " + ", ".join(names[:3]) + " (globs such as 'features.*' work).")
+    print(
+        "\nLayers are named by their dotted path, e.g. " + ", ".join(names[:3]) + " (globs such as 'features.*' work)."
+    )
     while True:
         try:
             answer = input("Layer(s) to extract (separate several by spaces): ").split()
@@ -147,7 +212,9 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
     sources = [s for s in (args.weights, "pretrained" if args.pretrained else None, args.model_path) if s]
     if len(set(sources)) > 1:
-        raise LayertapError(f"conflicting weights: {', '.join(sources)}; give one of --weights, --pretrained, --model_path")
+        raise LayertapError(
+            f"conflicting weights: {', '.join(sources)}; give one of --weights, --pretrained, --model_path"
+        )
     weights = sources[0] if sources else "pretrained"
     if args.file_format and args.file_format.lstrip(".").lower() not in ("npy", "txt"):
         raise LayertapError(f"--format must be npy or txt, not {args.file_format}")

@@ -69,15 +69,13 @@ class ImageSet:
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found.extend(
-                Path(dirpath) / f
-                for f in filenames
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+                Path(dirpath) / f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
             )
         if not found:
             raise LayertapError(
                 f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} in it and its subfolders)"
             )
-        rel = sorted((p.relative_to(root).as_posix() for p in found))
+        rel = sorted(p.relative_to(root).as_posix() for p in found)
         paths = [str(root / r) for r in rel]
         if all("/" in r for r in rel):
             # Every image sits in a subfolder: the first path component is its class.
@@ -94,7 +92,9 @@ class ImageSet:
                 concepts=concepts,
             )
         if things:
-            raise LayertapError(f"--things expects images/<concept>/<image>.jpg, but {root} has images at its top level")
+            raise LayertapError(
+                f"--things expects images/<concept>/<image>.jpg, but {root} has images at its top level"
+            )
         return cls(paths=paths, root=str(root))
 
     @classmethod
@@ -169,7 +169,12 @@ class ImageSet:
 
 def _find_things_concepts(root: Path, classes: list[str], required: bool) -> dict[str, str] | None:
     """Read THINGS' ``things_concepts.tsv`` next to, above, or in ``data/`` beside the images."""
-    candidates = [root / THINGS_TSV, root.parent / THINGS_TSV, root.parent / "data" / THINGS_TSV, Path("data") / THINGS_TSV]
+    candidates = [
+        root / THINGS_TSV,
+        root.parent / THINGS_TSV,
+        root.parent / "data" / THINGS_TSV,
+        Path("data") / THINGS_TSV,
+    ]
     tsv = next((c for c in candidates if c.is_file()), None)
     if tsv is None:
         if required:
@@ -295,5 +300,4 @@ def iter_batches(
         pin_memory=pin_memory,
         prefetch_factor=4 if nw > 0 else None,
     )
-    for batch in loader:
-        yield batch
+    yield from loader

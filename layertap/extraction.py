@@ -256,8 +256,24 @@ def extract(
         if start:
             log.info("resuming %s at image %d of %d", out, start, n)
         first = (start // batch_size) * batch_size  # same batches as the first attempt: same bytes
-        _run_batches(loaded, imageset, names, writer, dev, use_cl, first, start, batch_size, workers,
-                     flatten, dtype, on_error, chunk_rows, exif_transpose, progress)
+        _run_batches(
+            loaded,
+            imageset,
+            names,
+            writer,
+            dev,
+            use_cl,
+            first,
+            start,
+            batch_size,
+            workers,
+            flatten,
+            dtype,
+            on_error,
+            chunk_rows,
+            exif_transpose,
+            progress,
+        )
         skipped = writer.finish(n)
         if not writer.has_layers:
             raise LayertapError(f"none of the {n} images could be decoded (first error: {skipped[0][1]})")
@@ -314,8 +330,13 @@ def _run_batches(
 
     n = len(imageset)
     batches = iter_batches(
-        imageset.paths, loaded.transform, batch_size, start=first, workers=workers,
-        pin_memory=dev.type == "cuda", exif_transpose=exif_transpose,
+        imageset.paths,
+        loaded.transform,
+        batch_size,
+        start=first,
+        workers=workers,
+        pin_memory=dev.type == "cuda",
+        exif_transpose=exif_transpose,
     )
     bar = tqdm(total=n, initial=start, unit="img", desc="extract", disable=None if progress else True, smoothing=0.1)
     with Extractor(loaded, names, flatten=flatten) as tap, bar:
@@ -335,9 +356,7 @@ def _run_batches(
                 feats = tap(x)
                 keep = [k for k, i in enumerate(batch.indices) if i >= start]
                 if not writer.has_layers:
-                    info = {
-                        key: {"module": key.split("#")[0], "shape": list(t.shape[1:])} for key, t in feats.items()
-                    }
+                    info = {key: {"module": key.split("#")[0], "shape": list(t.shape[1:])} for key, t in feats.items()}
                     writer.create_layers(info, n, dtype, chunk_rows)
                 if len(keep) < len(batch.indices):
                     feats = {k: t[keep] for k, t in feats.items()}

@@ -123,9 +123,7 @@ class LayerInfo:
         return self.name.count(".")
 
 
-def list_layers(
-    model: nn.Module | LoadedModel, input_size: tuple[int, int, int] | None = None
-) -> list[LayerInfo]:
+def list_layers(model: nn.Module | LoadedModel, input_size: tuple[int, int, int] | None = None) -> list[LayerInfo]:
     """Every module with its type, output shape for one image of ``input_size`` and parameter count.
 
     Runs one forward pass on a single zero image on the CPU. Modules that never run in
@@ -174,8 +172,6 @@ def format_layer_table(infos: list[LayerInfo]) -> str:
             shape += f"  (x{info.calls} calls)"
         rows.append(("  " * info.depth + info.name, info.type, shape, f"{info.params:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [
-        f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}" for r in rows
-    ]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

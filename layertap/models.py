@@ -122,9 +122,7 @@ def resolve_model_name(name: str) -> tuple[Source, str]:
         if src.has_model(name):
             return src, name
     every = [m.split(":", 1)[1] for m in list_models()]
-    raise LayertapError(
-        f"unknown model '{name}'{close_matches(name, every)}; run 'layertap models' to list them"
-    )
+    raise LayertapError(f"unknown model '{name}'{close_matches(name, every)}; run 'layertap models' to list them")
 
 
 def load_model(name: str, weights: str | os.PathLike[str] = "pretrained", *, seed: int = 0) -> LoadedModel:
@@ -199,7 +197,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     state = dict(obj)
     for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -214,6 +212,7 @@ def apply_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], what:
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or wrong:
+
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
 

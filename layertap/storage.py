@@ -74,9 +74,7 @@ def _zarr_create(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dt
         return zarr.create_array(
             store=str(path), shape=shape, chunks=chunks, dtype=dtype, compressors=None, fill_value=0, overwrite=True
         )
-    return zarr.open_array(
-        str(path), mode="w", shape=shape, chunks=chunks, dtype=dtype, compressor=None, fill_value=0
-    )
+    return zarr.open_array(str(path), mode="w", shape=shape, chunks=chunks, dtype=dtype, compressor=None, fill_value=0)
 
 
 def _zarr_open(path: Path, mode: str = "r") -> Any:
@@ -229,7 +227,9 @@ class RunWriter:
             old = read_json(manifest_path)
             if old.get("spec") != spec:
                 self.close()
-                diff = sorted(k for k in set(old.get("spec", {})) | set(spec) if old.get("spec", {}).get(k) != spec.get(k))
+                diff = sorted(
+                    k for k in set(old.get("spec", {})) | set(spec) if old.get("spec", {}).get(k) != spec.get(k)
+                )
                 raise LayertapError(
                     f"{self.path} holds a different run (differs in: {', '.join(diff) or 'format'}); "
                     "pass --overwrite to replace it or choose another --out"
@@ -272,13 +272,12 @@ class RunWriter:
         self.manifest = {**manifest, "spec": self.spec, "status": "running"}
         self._save_manifest()
 
-    def create_layers(
-        self, layers: dict[str, dict[str, Any]], n_rows: int, dtype: str, chunk_rows: int | None
-    ) -> None:
+    def create_layers(self, layers: dict[str, dict[str, Any]], n_rows: int, dtype: str, chunk_rows: int | None) -> None:
         """Create one array per layer; ``layers[name]['shape']`` excludes the image axis."""
-        widest = max(int(np.prod(v["shape"])) for v in layers.values()) * np.dtype(
-            "uint16" if dtype == "bfloat16" else dtype
-        ).itemsize
+        widest = (
+            max(int(np.prod(v["shape"])) for v in layers.values())
+            * np.dtype("uint16" if dtype == "bfloat16" else dtype).itemsize
+        )
         self.chunk_rows = int(chunk_rows or max(1, min(4096, CHUNK_BYTES // max(1, widest))))
         for info in layers.values():
             info["dtype"] = dtype

@@ -75,7 +75,7 @@ def flat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pal = Image.fromarray(photo("astronaut", 9, (120, 120))).convert("P", palette=Image.ADAPTIVE, colors=32)
     pal.info["transparency"] = 0
     pal.save(root / "i_palette.png", transparency=0)
-    gray16 = (photo("coffee", 10, (130, 110))[..., 0].astype(np.uint16) * 257)
+    gray16 = photo("coffee", 10, (130, 110))[..., 0].astype(np.uint16) * 257
     Image.fromarray(gray16).save(root / "j_gray16.png")
     Image.fromarray(photo("astronaut", 11, (1, 1))).save(root / "k_tiny.png")
     return root
@@ -95,15 +95,11 @@ def layertap_cli():
     return run
 
 
-def reference_outputs(
-    model: torch.nn.Module, x: torch.Tensor, layers: list[str]
-) -> dict[str, list[torch.Tensor]]:
+def reference_outputs(model: torch.nn.Module, x: torch.Tensor, layers: list[str]) -> dict[str, list[torch.Tensor]]:
     """An independent reference: a plain forward pass with hand-written hooks (clone on capture)."""
     got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     mods = dict(model.named_modules())
-    handles = [
-        mods[n].register_forward_hook(lambda _m, _i, o, n=n: got[n].append(o.detach().clone())) for n in layers
-    ]
+    handles = [mods[n].register_forward_hook(lambda _m, _i, o, n=n: got[n].append(o.detach().clone())) for n in layers]
     try:
         with torch.no_grad():
             model.eval()(x)

@@ -69,7 +69,9 @@ def test_class_folders_and_things(tmp_path: Path) -> None:
     with pytest.raises(lt.LayertapError, match="things_concepts.tsv not found"):
         ImageSet.from_path(tmp_path / "images", things=True)
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "things_concepts.tsv").write_text("Word\tWordnet ID\tuniqueID\naardvark\tn1\taardvark\nabacus (frame)\tn2\tabacus\n")
+    (tmp_path / "data" / "things_concepts.tsv").write_text(
+        "Word\tWordnet ID\tuniqueID\naardvark\tn1\taardvark\nabacus (frame)\tn2\tabacus\n"
+    )
     t = ImageSet.from_path(tmp_path / "images", things=True)
     assert t.layout == "things" and t.concepts == {"aardvark": "aardvark", "abacus": "abacus (frame)"}
 

@@ -133,8 +133,13 @@ def test_reused_module_extract_to_disk(image_dir: Path, tmp_path: Path) -> None:
 def test_early_stop_extract_matches_full(image_dir: Path, tmp_path: Path) -> None:
     model = lt.load_model("resnet18", weights="random", seed=5)
     early = lt.extract(model, image_dir, ["layer1"], tmp_path / "a", batch_size=4, workers=0)
-    ref = reference_outputs(model.module, reference_batch([str(image_dir / p) for p in early.images], "resnet18")
-                            .contiguous(memory_format=torch.channels_last), ["layer1"])
+    ref = reference_outputs(
+        model.module,
+        reference_batch([str(image_dir / p) for p in early.images], "resnet18").contiguous(
+            memory_format=torch.channels_last
+        ),
+        ["layer1"],
+    )
     np.testing.assert_allclose(early["layer1"][:], ref["layer1"][0].numpy(), **TOL)
 
 

@@ -120,7 +120,9 @@ def test_globs_and_unknown_layers() -> None:
     deep = lt.resolve_layers(model, "layer4.**")
     assert "layer4.0.downsample.0" in deep and "layer3.0" not in deep
     assert lt.resolve_layers(model, ["avgpool", "layer1", "avgpool"]) == ["avgpool", "layer1"]
-    with pytest.raises(lt.LayertapError, match=r"unknown layer .layer5. \(did you mean: layer4, layer3, layer2, layer1"):
+    with pytest.raises(
+        lt.LayertapError, match=r"unknown layer .layer5. \(did you mean: layer4, layer3, layer2, layer1"
+    ):
         lt.resolve_layers(model, ["layer5"])
     with pytest.raises(lt.LayertapError, match="matches no module"):
         lt.resolve_layers(model, ["block*"])

@@ -37,13 +37,32 @@ def _arrays_bytes(run_dir: Path) -> dict[str, bytes]:
 
 
 def test_resume_after_kill_is_byte_identical(many_images: Path, tmp_path: Path) -> None:
-    args = ["extract", "--model", "resnet18", "--weights", "random", "--layers", "layer1", "avgpool",
-            "--images", str(many_images), "--batch-size", "4", "--chunk-rows", "4", "--workers", "1", "-q"]
+    args = [
+        "extract",
+        "--model",
+        "resnet18",
+        "--weights",
+        "random",
+        "--layers",
+        "layer1",
+        "avgpool",
+        "--images",
+        str(many_images),
+        "--batch-size",
+        "4",
+        "--chunk-rows",
+        "4",
+        "--workers",
+        "1",
+        "-q",
+    ]
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(_cli(*args, "--out", str(ref_dir)), check=True, capture_output=True)
 
     for kill_at_rows in (4, 28):  # two kills at different points, then let it finish
-        proc = subprocess.Popen(_cli(*args, "--out", str(killed_dir)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _cli(*args, "--out", str(killed_dir)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         progress = killed_dir / "progress.json"
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -109,9 +128,15 @@ def test_second_writer_is_refused(image_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "r"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1],'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
-         "print('held', flush=True); time.sleep(60)", str(out / ".lock")],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import fcntl,sys,time; f=open(sys.argv[1],'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(60)",
+            str(out / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -124,8 +149,17 @@ def test_second_writer_is_refused(image_dir: Path, tmp_path: Path) -> None:
 
 
 def test_manifest_records_provenance(image_dir: Path, tmp_path: Path) -> None:
-    run = lt.extract("resnet18", image_dir, ["avgpool"], tmp_path / "r", weights="random", seed=9, workers=0,
-                     fraction=0.5, flatten=True)
+    run = lt.extract(
+        "resnet18",
+        image_dir,
+        ["avgpool"],
+        tmp_path / "r",
+        weights="random",
+        seed=9,
+        workers=0,
+        fraction=0.5,
+        flatten=True,
+    )
     m = run.manifest
     assert m["status"] == "complete" and m["model"]["name"] == "torchvision:resnet18"
     assert m["model"]["weights"] == {"kind": "random", "seed": 9}
@@ -137,8 +171,9 @@ def test_manifest_records_provenance(image_dir: Path, tmp_path: Path) -> None:
 
 
 def test_export_round_trip(image_dir: Path, tmp_path: Path) -> None:
-    run = lt.extract("alexnet", image_dir, ["features.12", "classifier.4"], tmp_path / "r", weights="random",
-                     workers=0, chunk_rows=4)
+    run = lt.extract(
+        "alexnet", image_dir, ["features.12", "classifier.4"], tmp_path / "r", weights="random", workers=0, chunk_rows=4
+    )
     npy = lt.export(run, "npy", tmp_path / "npy")
     txt = lt.export(run, "txt", tmp_path / "txt")
     for layer in run.layers:

@@ -1,0 +1,32 @@
+# Fresh machine:  make demo  (set up + extract on the bundled images)   |   make test  (set up + tests)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch + torchvision builds known to work together (see README, "Installing")
+ifeq ($(shell uname -m),aarch64)
+TORCH ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+demo: install
+	BIN=$(BIN) bash examples/demo.sh
+
+lint: install
+	$(BIN)/ruff check layertap tests bench examples
+
+test: install lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

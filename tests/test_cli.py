@@ -1,0 +1,179 @@
+"""The command line, end to end in subprocesses: models, layers, extract (incl. interactive), export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+import layertap as lt
+
+
+def test_models_and_layers(layertap_cli) -> None:
+    out = layertap_cli("models", check=True).stdout.split()
+    assert "torchvision:alexnet" in out and "torchvision:resnet50" in out
+    assert layertap_cli("models", "vgg1", check=True).stdout.split()[0].startswith("torchvision:vgg1")
+    table = layertap_cli("layers", "alexnet", check=True).stdout
+    assert "features.10" in table and "Conv2d" in table and "256x13x13" in table and "58,631,144" in table
+
+
+def test_extract_then_export(layertap_cli, image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "acts"
+    proc = layertap_cli(
+        "extract",
+        "--model",
+        "alexnet",
+        "--weights",
+        "random",
+        "--layers",
+        "features.10",
+        "classifier.4",
+        "--images",
+        str(image_dir),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--flatten",
+        check=True,
+    )
+    assert "stored features.10 9x43264, classifier.4 9x4096" in proc.stderr
+    assert "RANDOM" in proc.stderr
+    assert "img/s" not in proc.stderr, "progress bar must stay quiet when stderr is not a terminal"
+    run = lt.open_run(out)
+    layertap_cli("export", str(out), "--format", "txt", check=True)
+    back = np.loadtxt(out / "export-txt" / "classifier.4.txt", dtype=np.float32)
+    np.testing.assert_array_equal(back, run["classifier.4"][:])
+
+
+def test_seed_flag_spellings(layertap_cli, image_dir: Path, tmp_path: Path) -> None:
+    import torch
+    import torchvision.models as tvm
+
+    torch.manual_seed(0)
+    weights = tmp_path / "alexnet.pth"
+    torch.save(tvm.alexnet().state_dict(), weights)
+    out = tmp_path / "acts"
+    layertap_cli(
+        "extract",
+        "--model_name",
+        "alexnet",
+        "--module_name",
+        "classifier.4",
+        "--model_path",
+        str(weights),
+        "--batch_size",
+        "4",
+        "--in_path",
+        str(image_dir),
+        "--out_path",
+        str(out),
+        "--device",
+        "cpu",
+        "--rnd_seed",
+        "42",
+        "--flatten_acts",
+        "--file_format",
+        ".npy",
+        "--fraction",
+        "0.5",
+        check=True,
+    )
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["options"]["seed"] == 42 and m["options"]["fraction"] == 0.5 and m["options"]["batch_size"] == 4
+    assert m["model"]["weights"]["kind"] == "file" and m["images"]["n_stored"] == 4
+    assert np.load(out / "export-npy" / "classifier.4.npy").shape == (4, 4096)
+
+
+def test_interactive_mode(layertap_cli, image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "acts"
+    proc = layertap_cli(
+        "extract",
+        "--model",
+        "alexnet",
+        "--weights",
+        "random",
+        "--interactive",
+        "--images",
+        str(image_dir),
+        "--out",
+        str(out),
+        input="features.99\nclassifier.4 features.1\n",
+        check=True,
+    )
+    assert "(classifier): Sequential(" in proc.stdout  # the model was printed
+    assert "unknown layer 'features.99'" in proc.stderr  # a typo is answered, then asked again
+    assert lt.open_run(out).layers == ["classifier.4", "features.1"]
+
+
+def test_errors_are_one_line_with_exit_code_2(layertap_cli, image_dir: Path, tmp_path: Path) -> None:
+    p = layertap_cli(
+        "extract",
+        "--model",
+        "alexnet",
+        "--weights",
+        "random",
+        "--layers",
+        "classifer.4",
+        "--images",
+        str(image_dir),
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "unknown layer 'classifer.4' (did you mean: classifier.4" in p.stderr
+    p = layertap_cli("layers", "alexnett")
+    assert p.returncode == 2 and "did you mean: alexnet" in p.stderr and "Traceback" not in p.stderr
+    p = layertap_cli(
+        "extract",
+        "--model",
+        "alexnet",
+        "--weights",
+        "random",
+        "--layers",
+        "fc",
+        "--images",
+        str(tmp_path / "nope"),
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert p.returncode == 2 and "image path not found" in p.stderr
+    p = layertap_cli(
+        "extract",
+        "--model",
+        "alexnet",
+        "--interactive",
+        "--weights",
+        "random",
+        "--images",
+        str(image_dir),
+        "--out",
+        str(tmp_path / "y"),
+        input="",
+    )
+    assert p.returncode == 2 and "no layer chosen" in p.stderr
+
+
+def test_help_is_complete(layertap_cli) -> None:
+    text = layertap_cli("extract", "--help", check=True).stdout
+    for flag in (
+        "--model",
+        "--layers",
+        "--images",
+        "--out",
+        "--weights",
+        "--flatten",
+        "--dtype",
+        "--fraction",
+        "--workers",
+        "--device",
+        "--things",
+        "--on-error",
+        "--overwrite",
+        "--interactive",
+        "--module_name",
+    ):
+        assert flag in text, flag
