@@ -23,7 +23,7 @@ demo: install
 	BIN=$(BIN) bash examples/demo.sh
 
 lint: install
-	$(BIN)/ruff check layertap tests bench examples
+	$(BIN)/ruff check .
 
 test: install lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
