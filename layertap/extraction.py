@@ -21,8 +21,9 @@ from torch import nn
 
 from .data import ALPHA_BACKGROUND, ImageSet, iter_batches
 from .errors import LayertapError
-from .layers import output_tensor, resolve_layers
+from .layers import output_tensor, resolve_layers, tappable
 from .models import LoadedModel, as_loaded, load_model
+from .reducers import Reducer, reducer_for
 from .storage import STORAGE_DTYPES, Run, RunWriter
 
 log = logging.getLogger("layertap")
@@ -36,8 +37,11 @@ class Extractor:
     """Tap named layers of a model, in memory: ``with Extractor(model, ["layer3", "avgpool"]) as tap``.
 
     ``tap(x)`` runs ``x`` (a batch already on the model's device) through the model and returns
-    ``{layer: Tensor}`` with the batch axis first. A module that runs ``k > 1`` times per forward
-    gives ``layer#0`` … ``layer#{k-1}``. ``flatten=True`` reshapes each output to (B, N).
+    ``{layer: Tensor}`` with the batch axis first (sequence-first transformer outputs are
+    transposed). A module that runs ``k > 1`` times per forward gives ``layer#0`` …
+    ``layer#{k-1}``. ``reduce`` applies a reducer on the device (see :mod:`layertap.reducers`):
+    one spec for all layers or ``{layer_or_pattern: spec}``. ``flatten=True`` then reshapes each
+    output to (B, N).
     ``stop_early=True`` ends the forward as soon as all requested outputs exist (the first call
     runs the whole model once to learn how many times each layer runs). Hooks are removed on
     exit, whatever happens.
@@ -50,10 +54,14 @@ class Extractor:
         *,
         flatten: bool = False,
         stop_early: bool = True,
+        reduce: str | dict[str, str] | None = None,
     ) -> None:
         self.model = as_loaded(model)
         self.module = self.model.module
-        self.layers = resolve_layers(self.module, layers)
+        self.layers = resolve_layers(self.model, layers)
+        self.reducers: dict[str, Reducer] = {n: reducer_for(n, reduce) for n in self.layers}
+        #: per layer, whether its reducer applied to its output (known after the first call)
+        self.reduced: dict[str, bool] = {}
         self.flatten = flatten
         self.stop_early = stop_early
         self.calls: dict[str, int] | None = None
@@ -62,11 +70,20 @@ class Extractor:
         self._remaining: int | None = None
 
     def _hook(self, name: str):  # noqa: ANN202
+        seq_first = any(name == p or name.startswith(p + ".") for p in self.model.sequence_first)
+        reducer = self.reducers[name]
+        prefix = self.model.num_prefix_tokens
+
         def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-            t = output_tensor(out, name).detach()
+            raw = output_tensor(out, name)
+            t = raw.detach()
+            if seq_first and t.ndim == 3:
+                t = t.transpose(0, 1)
+            self.reduced[name] = reducer.applies(t)
+            t = reducer(t, prefix)
             if self.flatten:
                 t = t.reshape(t.shape[0], -1)
-            if t.untyped_storage().data_ptr() == output_tensor(out, name).untyped_storage().data_ptr():
+            if t.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
                 t = t.clone()  # a view would change under a later in-place op
             self._outputs[name].append(t)
             if self._remaining is not None:
@@ -77,7 +94,7 @@ class Extractor:
         return hook
 
     def __enter__(self) -> Extractor:
-        modules = dict(self.module.named_modules())
+        modules = tappable(self.model)
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layers]
         return self
 
@@ -179,6 +196,7 @@ def extract(
     device: str | torch.device = "auto",
     workers: int | None = None,
     flatten: bool = False,
+    reduce: str | dict[str, str] | None = None,
     dtype: str = "float32",
     fraction: float | None = None,
     seed: int = 0,
@@ -199,7 +217,9 @@ def extract(
 
     ``model`` is a loaded model, any ``nn.Module``, or a name for :func:`load_model` (with
     ``weights`` and ``seed``). ``images`` is a folder, a .txt/.csv list or an :class:`ImageSet`;
-    ``fraction`` takes a reproducible random subset (drawn with ``seed``). Images that cannot
+    ``fraction`` takes a reproducible random subset (drawn with ``seed``). ``reduce`` pools or
+    projects outputs on the device before storing (see :mod:`layertap.reducers`; e.g. ``"avg"``
+    for conv maps, ``"cls"`` for ViT tokens, ``{"layer3": "max:2"}``). Images that cannot
     be decoded are skipped, logged and recorded (``on_error="fail"`` stops instead).
     ``dtype`` is the storage type (float32, float16, bfloat16); computation is float32.
     """
@@ -213,13 +233,14 @@ def extract(
     imageset = images if isinstance(images, ImageSet) else ImageSet.from_path(images, things=things)
     if fraction is not None:
         imageset = imageset.subset(fraction, seed)
-    names = resolve_layers(loaded.module, layers)
+    names = resolve_layers(loaded, layers)
     dev = resolve_device(device)
     use_cl = prepare_module(loaded.module, dev, channels_last)
     n = len(imageset)
     options = {
         "batch_size": batch_size,
         "flatten": flatten,
+        "reduce": reduce,
         "dtype": dtype,
         "device": str(dev),
         "channels_last": use_cl,
@@ -256,10 +277,10 @@ def extract(
         if start:
             log.info("resuming %s at image %d of %d", out, start, n)
         first = (start // batch_size) * batch_size  # same batches as the first attempt: same bytes
+        tap = Extractor(loaded, names, flatten=flatten, reduce=reduce)
         _run_batches(
-            loaded,
+            tap,
             imageset,
-            names,
             writer,
             dev,
             use_cl,
@@ -267,7 +288,6 @@ def extract(
             start,
             batch_size,
             workers,
-            flatten,
             dtype,
             on_error,
             chunk_rows,
@@ -309,9 +329,8 @@ def extract(
 
 
 def _run_batches(
-    loaded: LoadedModel,
+    tap: Extractor,
     imageset: ImageSet,
-    names: list[str],
     writer: RunWriter,
     dev: torch.device,
     use_cl: bool,
@@ -319,7 +338,6 @@ def _run_batches(
     start: int,
     batch_size: int,
     workers: int | None,
-    flatten: bool,
     dtype: str,
     on_error: str,
     chunk_rows: int | None,
@@ -331,7 +349,7 @@ def _run_batches(
     n = len(imageset)
     batches = iter_batches(
         imageset.paths,
-        loaded.transform,
+        tap.model.transform,
         batch_size,
         start=first,
         workers=workers,
@@ -339,7 +357,7 @@ def _run_batches(
         exif_transpose=exif_transpose,
     )
     bar = tqdm(total=n, initial=start, unit="img", desc="extract", disable=None if progress else True, smoothing=0.1)
-    with Extractor(loaded, names, flatten=flatten) as tap, bar:
+    with tap, bar:
         for batch in batches:
             for idx, reason in batch.failed:
                 if idx < start:

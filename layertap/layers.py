@@ -18,10 +18,26 @@ from torch import nn
 from .errors import LayertapError, close_matches
 from .models import LoadedModel, as_loaded
 
+#: the pseudo-layer for the model's own output (the root module has no name of its own)
+OUTPUT = "output"
 
-def module_names(module: nn.Module) -> list[str]:
-    """Every tappable module name, in definition order (the root module has no name)."""
-    return [name for name, _ in module.named_modules() if name]
+
+def tappable(model: nn.Module | LoadedModel) -> dict[str, nn.Module]:
+    """Every tappable name -> module: dotted module names in definition order, then the
+    source's aliases (e.g. Hugging Face ``hidden_states.3``), then ``output`` (the whole model)."""
+    loaded = model if isinstance(model, LoadedModel) else None
+    mod = model.module if isinstance(model, LoadedModel) else model
+    named = {name: m for name, m in mod.named_modules() if name}
+    table = dict(named)
+    if loaded is not None:
+        table.update({alias: named[target] for alias, target in loaded.layer_aliases.items() if target in named})
+    table.setdefault(OUTPUT, mod)
+    return table
+
+
+def module_names(model: nn.Module | LoadedModel) -> list[str]:
+    """Every tappable name (see :func:`tappable`)."""
+    return list(tappable(model))
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
@@ -55,22 +71,24 @@ def is_pattern(name: str) -> bool:
 
 
 def resolve_layers(module: nn.Module | LoadedModel, layers: str | list[str]) -> list[str]:
-    """Expand names and glob patterns into module names (each once, in the order asked for).
+    """Expand names and glob patterns into tappable names (each once, in the order asked for).
+
+    ``output`` is the model's own output. Patterns match module names only, not aliases.
 
     Raises :class:`LayertapError` naming the closest valid names for an unknown name or a
     pattern that matches nothing.
     """
-    mod = module.module if isinstance(module, LoadedModel) else module
     wanted = [layers] if isinstance(layers, str) else list(layers)
     if not wanted:
         raise LayertapError("no layers given; name one or more, e.g. --layers avgpool (see 'layertap layers MODEL')")
-    names = module_names(mod)
+    names = module_names(module)
     known = set(names)
     out: list[str] = []
     for want in wanted:
         if is_pattern(want):
             rx = _glob_regex(want)
-            hits = [n for n in names if rx.match(n)]
+            plain = module_names(module.module if isinstance(module, LoadedModel) else module)
+            hits = [n for n in plain if n != OUTPUT and rx.match(n)]
             if not hits:
                 raise LayertapError(
                     f"layer pattern '{want}' matches no module{close_matches(want.replace('*', ''), names)}; "
@@ -120,7 +138,7 @@ class LayerInfo:
 
     @property
     def depth(self) -> int:
-        return self.name.count(".")
+        return 0 if self.name == OUTPUT else self.name.count(".")
 
 
 def list_layers(model: nn.Module | LoadedModel, input_size: tuple[int, int, int] | None = None) -> list[LayerInfo]:
@@ -147,7 +165,7 @@ def list_layers(model: nn.Module | LoadedModel, input_size: tuple[int, int, int]
 
         return hook
 
-    named = [(n, m) for n, m in mod.named_modules() if n]
+    named = [(n, m) for n, m in mod.named_modules() if n] + [(OUTPUT, mod)]
     for name, m in named:
         handles.append(m.register_forward_hook(make_hook(name)))
     try:

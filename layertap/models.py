@@ -46,12 +46,38 @@ class LoadedModel:
     name: str
     input_size: tuple[int, int, int] = (3, 224, 224)
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: tokens before the patch tokens in transformer outputs (class + register tokens)
+    num_prefix_tokens: int = 0
+    #: module-name prefixes whose outputs are (sequence, batch, features); stored batch-first
+    sequence_first: tuple[str, ...] = ()
+    #: extra layer names (e.g. HF 'hidden_states.3') mapped to module names
+    layer_aliases: dict[str, str] = field(default_factory=dict)
+    #: what else a source hands over (CLIP: the full model and its tokenizer)
+    components: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.module.eval()
         self.provenance.setdefault("name", self.name)
         self.provenance.setdefault("transform", describe_transform(self.transform))
         self.provenance.setdefault("input_size", list(self.input_size))
+
+
+def require(package: str, extra: str) -> Any:
+    """Import an optional package, or fail with the one-line install hint."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise LayertapError(
+            f"this needs the '{package}' package: pip install 'layertap[{extra}]'", exit_code=1
+        ) from None
+
+
+def package_available(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
 
 
 class Source(ABC):
@@ -67,8 +93,12 @@ class Source(ABC):
         """Model names this source can build (without the ``source:`` prefix)."""
 
     @abstractmethod
-    def load(self, name: str, weights: str | Path, seed: int) -> LoadedModel:
+    def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
         """Build ``name`` with ``weights`` ('pretrained', 'random', a weights id, or a file)."""
+
+    def available(self) -> bool:
+        """Whether the source's package is installed (sources without one always are)."""
+        return True
 
     def has_model(self, name: str) -> bool:
         return name in self.list_models()
@@ -102,7 +132,9 @@ def list_models(source: str | None = None) -> list[str]:
     srcs = _sources()
     if source is not None and source not in srcs:
         raise LayertapError(f"unknown model source '{source}'{close_matches(source, list(srcs))}")
-    chosen = [srcs[source]] if source else list(srcs.values())
+    if source is not None and not srcs[source].available():
+        require(source, srcs[source].extra or source)  # raises the install hint
+    chosen = [srcs[source]] if source else [s for s in srcs.values() if s.available()]
     return [f"{s.name}:{m}" for s in chosen for m in s.list_models()]
 
 
@@ -112,6 +144,10 @@ def resolve_model_name(name: str) -> tuple[Source, str]:
     if ":" in name and name.split(":", 1)[0] in srcs:
         src_name, model = name.split(":", 1)
         src = srcs[src_name]
+        if not src.available():
+            raise LayertapError(
+                f"model source '{src_name}' needs its package: pip install 'layertap[{src.extra}]'", exit_code=1
+            )
         if not src.has_model(model):
             raise LayertapError(
                 f"unknown model '{model}' in source '{src_name}'"
@@ -119,22 +155,26 @@ def resolve_model_name(name: str) -> tuple[Source, str]:
             )
         return src, model
     for src in srcs.values():
-        if src.has_model(name):
+        if src.available() and src.has_model(name):
             return src, name
     every = [m.split(":", 1)[1] for m in list_models()]
     raise LayertapError(f"unknown model '{name}'{close_matches(name, every)}; run 'layertap models' to list them")
 
 
-def load_model(name: str, weights: str | os.PathLike[str] = "pretrained", *, seed: int = 0) -> LoadedModel:
+def load_model(
+    name: str, weights: str | os.PathLike[str] = "pretrained", *, seed: int = 0, **options: Any
+) -> LoadedModel:
     """Build a model by name: ``load_model("resnet50")``, ``load_model("torchvision:alexnet", "random")``.
 
     ``weights``: ``"pretrained"`` (the source's default published weights, downloaded or read
     from its cache; an error — never random weights — if they cannot be had), ``"random"``
     (untrained, initialised reproducibly from ``seed``), a source-specific weights id (e.g.
     ``"IMAGENET1K_V2"`` for torchvision), or the path of a state_dict / checkpoint file.
+    ``options`` go to the source (e.g. ``transform="validation"`` for IPCL, ``config={...}`` for
+    Hugging Face models built from a config).
     """
     src, model = resolve_model_name(name)
-    return src.load(model, weights_spec(weights), seed)
+    return src.load(model, weights_spec(weights), seed, **options)
 
 
 def weights_spec(weights: str | os.PathLike[str]) -> str | Path:
@@ -144,7 +184,7 @@ def weights_spec(weights: str | os.PathLike[str]) -> str | Path:
     w = str(weights)
     if w in ("pretrained", "random"):
         return w
-    looks_like_path = os.sep in w or "/" in w or w.endswith((".pt", ".pth", ".pth.tar", ".bin", ".ckpt", ".tar"))
+    looks_like_path = os.sep in w or "/" in w or w.endswith((".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors"))
     if os.path.exists(w):
         return Path(w)
     if looks_like_path:
@@ -175,9 +215,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     Accepts a bare state_dict, or a checkpoint dict holding one under ``state_dict`` (or
     ``model_state_dict``/``model``/...), with DataParallel/DDP ``module.`` prefixes removed.
+    ``.safetensors`` files are read with safetensors.
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LayertapError(
@@ -256,20 +302,29 @@ def finish_loading(
     seed: int,
     weights_id: str | None = None,
     extra: dict[str, Any] | None = None,
+    weights_target: nn.Module | None = None,
+    **fields: Any,
 ) -> LoadedModel:
-    """Record provenance for ``weights`` (and load them from a file) the same way for every source."""
+    """Record provenance for ``weights`` (and load them from a file) the same way for every source.
+
+    A weights file is loaded into ``weights_target`` (default ``module``; CLIP loads the full
+    image+text model while ``module`` is its image tower). ``fields`` set LoadedModel fields.
+    """
     prov: dict[str, Any] = {"source": name.split(":", 1)[0]}
     if isinstance(weights, Path):
-        apply_state_dict(module, read_state_dict(weights), name)
+        apply_state_dict(weights_target or module, read_state_dict(weights), name)
         prov["weights"] = {"kind": "file", "path": str(weights.resolve()), "sha256": file_sha256(weights)}
     elif weights == "random":
         prov["weights"] = {"kind": "random", "seed": seed}
     else:
         prov["weights"] = {"kind": "pretrained", "id": weights_id or str(weights)}
     prov.update(extra or {})
-    for p in module.parameters():
+    for p in (weights_target or module).parameters():
         p.requires_grad_(False)
-    return LoadedModel(module=module.eval(), transform=transform, name=name, input_size=input_size, provenance=prov)
+    (weights_target or module).eval()
+    return LoadedModel(
+        module=module.eval(), transform=transform, name=name, input_size=input_size, provenance=prov, **fields
+    )
 
 
 def from_module(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,9 +45,11 @@ class TorchvisionSource(Source):
                 f"{', '.join(ids)}, 'pretrained', 'random' or a weights file"
             ) from None
 
-    def load(self, name: str, weights: str | Path, seed: int) -> LoadedModel:
+    def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
         import torchvision.models as tvm
 
+        if options:
+            raise LayertapError(f"torchvision models take no options (got {', '.join(options)})")
         default = tvm.get_model_weights(name).DEFAULT
         if isinstance(weights, Path) or weights == "random":
             # Untrained or user weights: the architecture's own preprocessing (its default

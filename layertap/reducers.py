@@ -1,0 +1,136 @@
+"""Per-layer reducers applied on the device during extraction, before anything is stored.
+
+A reducer turns one layer's output (batch first) into what is kept. Spatial reducers apply to
+conv maps (B, C, H, W) only, token reducers to token sequences (B, L, D) only; on any other
+output they do nothing, so one ``reduce="cls"`` can be given for a mix of layers. Each layer's
+manifest entry records the reducer that was actually applied.
+
+==============  =====================================================================
+spec            result
+==============  =====================================================================
+``none``        the output as it is (default)
+``avg``         global average pool of a conv map: (B, C)
+``max``         global max pool of a conv map: (B, C)
+``avg:K``       adaptive average pool to K x K: (B, C, K, K)   (also ``max:K``)
+``cls``         the class token of a token sequence: (B, D)
+``mean``        mean of the patch tokens, excluding class/register tokens: (B, D)
+``cls+mean``    both, concatenated: (B, 2D)
+``tokens``      all tokens (same as ``none``, documented for clarity): (B, L, D)
+``srp:K[:S]``   sparse random projection of the flattened output to K dims, seed S (default 0)
+==============  =====================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import LayertapError
+
+TOKEN_SPECS = ("cls", "mean", "cls+mean", "tokens")
+
+
+@dataclass
+class Reducer:
+    """A parsed reducer spec; ``__call__(t, prefix_tokens)`` returns the reduced tensor, or ``t``
+    itself where the spec does not apply to ``t``'s kind of output."""
+
+    spec: str
+    kind: str  # "none" | "spatial" | "token" | "projection"
+    fn: Callable[[torch.Tensor, int], torch.Tensor]
+
+    def applies(self, t: torch.Tensor) -> bool:
+        if self.kind == "spatial":
+            return t.ndim == 4
+        if self.kind == "token":
+            return t.ndim == 3
+        return self.kind == "projection"
+
+    def __call__(self, t: torch.Tensor, prefix_tokens: int = 0) -> torch.Tensor:
+        return self.fn(t, prefix_tokens) if self.applies(t) else t
+
+
+def _cls(t: torch.Tensor, prefix: int) -> torch.Tensor:
+    if prefix < 1:
+        raise LayertapError("reduce 'cls' needs a model with a class token; use 'mean' for this layer")
+    return t[:, 0]
+
+
+def _mean(t: torch.Tensor, prefix: int) -> torch.Tensor:
+    return t[:, prefix:].mean(dim=1)
+
+
+def parse_reducer(spec: str | None) -> Reducer:
+    """Parse a reducer spec such as ``"avg"``, ``"max:2"``, ``"cls+mean"``, ``"srp:4096:1"``."""
+    spec = (spec or "none").strip().lower()
+    head, _, arg = spec.partition(":")
+    if spec in ("none", "tokens"):
+        return Reducer(spec, "none", lambda t, p: t)
+    if head in ("avg", "max") and not arg:
+        op = torch.amax if head == "max" else torch.mean
+        return Reducer(spec, "spatial", lambda t, p: op(t, dim=(2, 3)))
+    if head in ("avg", "max") and arg.isdigit() and int(arg) > 0:
+        k = int(arg)
+        pool = F.adaptive_max_pool2d if head == "max" else F.adaptive_avg_pool2d
+        return Reducer(spec, "spatial", lambda t, p: pool(t, k))
+    if spec == "cls":
+        return Reducer(spec, "token", _cls)
+    if spec == "mean":
+        return Reducer(spec, "token", _mean)
+    if spec == "cls+mean":
+        return Reducer(spec, "token", lambda t, p: torch.cat([_cls(t, p), _mean(t, p)], dim=1))
+    if head == "srp":
+        parts = arg.split(":")
+        if not parts[0].isdigit() or (len(parts) > 1 and not parts[1].isdigit()) or len(parts) > 2:
+            raise LayertapError(f"bad reducer '{spec}': use srp:K or srp:K:SEED (K output dims)")
+        return _srp_reducer(spec, int(parts[0]), int(parts[1]) if len(parts) > 1 else 0)
+    raise LayertapError(
+        f"unknown reducer '{spec}'; use none, avg, max, avg:K, max:K, cls, mean, cls+mean, tokens or srp:K[:SEED]"
+    )
+
+
+def _srp_reducer(spec: str, k: int, seed: int) -> Reducer:
+    from .postprocess import SparseRandomProjection
+
+    projections: dict[tuple[int, str], Any] = {}
+
+    def project(t: torch.Tensor, _p: int) -> torch.Tensor:
+        flat = t.reshape(t.shape[0], -1)
+        key = (flat.shape[1], str(flat.device))
+        if key not in projections:  # one matrix per input width and device, built once
+            projections[key] = SparseRandomProjection(k, seed=seed).fit(flat.shape[1])
+        return projections[key].apply_torch(flat.float())
+
+    return Reducer(spec, "projection", project)
+
+
+def reducer_for(layer: str, reduce: str | dict[str, str] | None) -> Reducer:
+    """The reducer for ``layer``: one spec for all layers, or the first matching ``{pattern: spec}``."""
+    if reduce is None or isinstance(reduce, str):
+        return parse_reducer(reduce)
+    from .layers import _glob_regex, is_pattern
+
+    base = layer.split("#")[0]
+    for pattern, spec in reduce.items():
+        if pattern == base or (is_pattern(pattern) and _glob_regex(pattern).match(base)):
+            return parse_reducer(spec)
+    return parse_reducer(None)
+
+
+def parse_reduce_args(items: list[str] | None) -> str | dict[str, str] | None:
+    """CLI form: ``["avg"]`` for every layer or ``["layer3=avg", "blocks.*=cls"]`` per layer."""
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return items[0]
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise LayertapError(f"--reduce '{item}': give LAYER=SPEC for each layer, or one SPEC for all layers")
+        layer, spec = item.split("=", 1)
+        out[layer] = spec
+    return out
