@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("layers", help="print a model's layers: name, type, output shape, parameters")
     p.add_argument("model", help="model name (see 'layertap models')")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="model option for the source")
     p.add_argument(
         "--weights",
         default="random",
@@ -158,6 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_extract(sub)
 
+    p = sub.add_parser("text", help="CLIP text features for a list of texts (e.g. THINGS concept names)")
+    p.add_argument("--model", "-m", required=True, help="a CLIP model, e.g. clip:ViT-B-32")
+    p.add_argument("--texts", required=True, help=".txt (one per line) or .tsv/.csv (Word/text/concept/name column)")
+    p.add_argument("--column", default=None, help="column of a .tsv/.csv to read")
+    p.add_argument(
+        "--template",
+        action="append",
+        default=None,
+        metavar="TEMPLATE",
+        help="prompt template with {} for the text, e.g. 'a photo of a {}' (repeat to average several)",
+    )
+    p.add_argument("--out", "-o", required=True, help="folder for text_features.npy, texts.tsv, manifest.json")
+    p.add_argument(
+        "--weights", default="pretrained", help="'pretrained' (OpenAI's where published), a tag, 'random' or a file"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights")
+    p.add_argument("--no-normalize", action="store_true", help="keep raw (not l2-normalised) embeddings")
+    p.set_defaults(func=cmd_text)
+
     p = sub.add_parser("export", help="export a run's layers to npy or txt files (one file per layer)")
     p.add_argument("run", help="run directory written by 'layertap extract'")
     p.add_argument("--format", "-f", default="npy", help="npy or txt (default npy)")
@@ -168,18 +188,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from .models import list_models
+    from .models import _sources, list_models
 
     for name in list_models(args.source):
         if args.filter is None or args.filter.lower() in name.lower():
-            print(name)
+            src, model = name.split(":", 1)
+            info = _sources()[src].model_info(model)
+            extra = " | ".join(str(info[k]) for k in ("type", "training_data", "details") if info.get(k))
+            print(f"{name:<40} {extra}" if extra else name)
+
+
+def _options(items: list[str]) -> dict[str, object]:
+    import json
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LayertapError(f"--option '{item}': write KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_text(args: argparse.Namespace) -> None:
+    from .clip import read_texts, write_text_features
+    from .models import load_model
+
+    texts = read_texts(args.texts, args.column)
+    model = load_model(args.model, args.weights, seed=args.seed)
+    out = write_text_features(model, texts, args.out, args.template, normalize=not args.no_normalize)
+    log.info("wrote %d text embeddings to %s", len(texts), out / "text_features.npy")
 
 
 def cmd_layers(args: argparse.Namespace) -> None:
     from .layers import format_layer_table, list_layers
     from .models import load_model
 
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights, **_options(args.option))
     size = None if args.input_size is None else (model.input_size[0], *args.input_size)
     print(f"{model.name}  (input {'x'.join(map(str, size or model.input_size))})")
     print(format_layer_table(list_layers(model, size)))
@@ -209,6 +257,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
     from .extraction import extract
     from .formats import export
     from .models import load_model
+    from .reducers import parse_reduce_args
 
     sources = [s for s in (args.weights, "pretrained" if args.pretrained else None, args.model_path) if s]
     if len(set(sources)) > 1:
@@ -220,10 +269,10 @@ def cmd_extract(args: argparse.Namespace) -> None:
         raise LayertapError(f"--format must be npy or txt, not {args.file_format}")
     if not args.layers and not args.interactive:
         raise LayertapError("name the layer(s) with --layers (see 'layertap layers MODEL') or use --interactive")
-    model = load_model(args.model, weights, seed=args.seed)
+    model = load_model(args.model, weights, seed=args.seed, **_options(args.option))
     if weights == "random":
         log.warning("using RANDOM (untrained) weights, seed %d, as asked", args.seed)
-    layers = args.layers or _ask_layers(model.module, [n for n, _ in model.module.named_modules() if n])
+    layers = args.layers or _ask_layers(model, [n for n, _ in model.module.named_modules() if n])
     run = extract(
         model,
         args.images,
@@ -233,6 +282,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
         device=args.device,
         workers=args.workers,
         flatten=args.flatten,
+        reduce=parse_reduce_args(args.reduce),
         dtype=args.dtype,
         fraction=args.fraction,
         seed=args.seed,
@@ -262,7 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="layertap: %(message)s")
+    # Our own logger only: libraries (open_clip, timm, ...) keep their default (warnings only).
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("layertap: %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         args.func(args)
     except LayertapError as err:
@@ -271,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("layertap: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
     return 0
 
 

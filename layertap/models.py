@@ -76,8 +76,14 @@ def require(package: str, extra: str) -> Any:
 
 def package_available(package: str) -> bool:
     import importlib.util
+    import sys
 
-    return importlib.util.find_spec(package) is not None
+    if package in sys.modules:
+        return sys.modules[package] is not None  # None: import blocked on purpose
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class Source(ABC):

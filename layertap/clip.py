@@ -1,0 +1,158 @@
+"""CLIP conveniences (the seed's ``clip`` API) on models loaded with ``load_model("clip:...")``.
+
+model = lt.load_model("clip:ViT-B-32")            # OpenAI's weights
+img = lt.clip.encode_image(model, images)         # (N, D) image embeddings
+txt = lt.clip.encode_text(model, ["a dog", "a cat"], templates=["a photo of a {}"])
+logits = lt.clip.similarity_logits(img, txt)       # 100 x cosine similarity, (N_images, N_texts)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import LayertapError
+from .models import LoadedModel, load_model, require
+
+DEFAULT_TEMPLATE = "{}"
+#: OpenAI's learned logit scale (exp(4.6052)) is 100; the seed documents logits as cosine x 100
+LOGIT_SCALE = 100.0
+
+
+def available_models() -> list[str]:
+    """CLIP model names open_clip can build (pass them as ``clip:NAME``)."""
+    return list(require("open_clip", "clip").list_models())
+
+
+def _clip(model: LoadedModel | str) -> LoadedModel:
+    loaded = load_model(model) if isinstance(model, str) else model
+    if "clip" not in loaded.components:
+        raise LayertapError(f"{loaded.name} is not a CLIP model; load one with lt.load_model('clip:ViT-B-32')")
+    return loaded
+
+
+def tokenize(model: LoadedModel | str, texts: str | Sequence[str]) -> torch.Tensor:
+    """Token ids, (N, context_length) int64: start token, text, end token, zero padding.
+
+    Texts longer than the context (77 tokens for OpenAI's CLIP) are truncated, keeping the end
+    token as the last position, exactly as open_clip's tokenizer does.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    return _clip(model).components["tokenizer"](texts)
+
+
+def expand_templates(texts: Sequence[str], templates: Sequence[str] | None) -> list[list[str]]:
+    """For each text, its prompts: ``templates`` with ``{}`` replaced by the text."""
+    templates = list(templates or [DEFAULT_TEMPLATE])
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise LayertapError(f"template '{bad[0]}' has no '{{}}' where the text goes (e.g. 'a photo of a {{}}')")
+    return [[t.format(text) for t in templates] for text in texts]
+
+
+@torch.inference_mode()
+def encode_text(
+    model: LoadedModel | str,
+    texts: Sequence[str],
+    templates: Sequence[str] | None = None,
+    normalize: bool = True,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Text embeddings (N, D) float32, one row per text.
+
+    With several ``templates`` (e.g. ``["a photo of a {}", "a drawing of a {}"]``) each text's
+    prompt embeddings are l2-normalised and averaged (CLIP's prompt ensembling), then
+    normalised again if ``normalize``.
+    """
+    loaded = _clip(model)
+    clip = loaded.components["clip"]
+    device = next(clip.parameters()).device
+    prompts = expand_templates(texts, templates)
+    flat = [p for group in prompts for p in group]
+    chunks = []
+    for i in range(0, len(flat), batch_size):
+        tokens = tokenize(loaded, flat[i : i + batch_size]).to(device)
+        chunks.append(clip.encode_text(tokens).float())
+    emb = torch.cat(chunks) if chunks else torch.empty(0)
+    k = len(prompts[0]) if prompts else 1
+    if k > 1:
+        emb = torch.nn.functional.normalize(emb, dim=-1).reshape(len(texts), k, -1).mean(dim=1)
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, dim=-1)
+    return emb.cpu().numpy()
+
+
+@torch.inference_mode()
+def encode_image(model: LoadedModel | str, images: torch.Tensor | Sequence[Any], normalize: bool = False) -> np.ndarray:
+    """Image embeddings (N, D) float32 for a preprocessed batch (N, 3, H, W) or a list of PIL images."""
+    loaded = _clip(model)
+    if not isinstance(images, torch.Tensor):
+        images = torch.stack([loaded.transform(img) for img in images])
+    device = next(loaded.module.parameters()).device
+    emb = loaded.module(images.to(device)).float()
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, dim=-1)
+    return emb.cpu().numpy()
+
+
+def similarity_logits(image_features: np.ndarray, text_features: np.ndarray, scale: float = LOGIT_SCALE) -> np.ndarray:
+    """``scale`` x cosine similarity, (N_images, N_texts): what CLIP's forward returns as logits."""
+    a = np.asarray(image_features, dtype=np.float64)
+    b = np.asarray(text_features, dtype=np.float64)
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (scale * a @ b.T).astype(np.float32)
+
+
+def read_texts(path: str | os.PathLike[str], column: str | None = None) -> list[str]:
+    """Texts from a .txt (one per line) or .tsv/.csv file (``column``, else Word/text/concept/name,
+    else the first column) — e.g. THINGS' ``things_concepts.tsv`` gives its concept words."""
+    p = Path(path)
+    if not p.is_file():
+        raise LayertapError(f"texts file not found: {p}")
+    if p.suffix.lower() not in (".tsv", ".csv"):
+        return [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    with open(p, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ","))
+    if not rows:
+        raise LayertapError(f"{p} has no rows")
+    cols = {c.lower(): c for c in rows[0]}
+    col = column or next((cols[c] for c in ("word", "text", "concept", "name") if c in cols), next(iter(rows[0])))
+    if col not in rows[0]:
+        raise LayertapError(f"{p} has no column '{col}' (columns: {', '.join(rows[0])})")
+    return [r[col].strip() for r in rows]
+
+
+def write_text_features(
+    model: LoadedModel | str,
+    texts: Sequence[str],
+    out: str | os.PathLike[str],
+    templates: Sequence[str] | None = None,
+    normalize: bool = True,
+) -> Path:
+    """Encode ``texts`` and write ``out/text_features.npy`` (N, D), ``out/texts.tsv`` and a manifest."""
+    loaded = _clip(model)
+    feats = encode_text(loaded, texts, templates, normalize)
+    dest = Path(out)
+    dest.mkdir(parents=True, exist_ok=True)
+    np.save(dest / "text_features.npy", feats)
+    with open(dest / "texts.tsv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["row", "text"])
+        w.writerows(enumerate(texts))
+    manifest = {
+        "layertap": "text",
+        "model": loaded.provenance,
+        "templates": list(templates or [DEFAULT_TEMPLATE]),
+        "normalized": normalize,
+        "shape": list(feats.shape),
+    }
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return dest

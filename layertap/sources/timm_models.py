@@ -1,0 +1,67 @@
+"""timm models: any ``timm.create_model`` name (``timm:convnext_tiny``, ``timm:vit_small_patch16_224.augreg_in21k``).
+
+Preprocessing is timm's own data config for the model (``resolve_model_data_config`` +
+``create_transform``). Pretrained weights come from timm's hub download/cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import LayertapError
+from ..models import LoadedModel, Source, finish_loading, package_available, register_source, require, seeded_build
+
+
+class TimmSource(Source):
+    name = "timm"
+    description = "timm (PyTorch Image Models): every timm.create_model name, timm's preprocessing"
+    extra = "timm"
+
+    def available(self) -> bool:
+        return package_available("timm")
+
+    def list_models(self) -> list[str]:
+        return list(require("timm", "timm").list_models())
+
+    def has_model(self, name: str) -> bool:
+        timm = require("timm", "timm")
+        return bool(timm.is_model(name.split(".", 1)[0]))
+
+    def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
+        timm = require("timm", "timm")
+        arch = name.split(".", 1)[0]
+        if isinstance(weights, Path) or weights == "random":
+            module = seeded_build(lambda: timm.create_model(name, pretrained=False, **options), seed)
+            weights_id = None
+        else:
+            # weights="pretrained" -> the name's default tag; any other string is a timm pretrained tag
+            full = name if weights == "pretrained" else f"{arch}.{weights}"
+            try:
+                module = timm.create_model(full, pretrained=True, **options)
+            except Exception as err:  # noqa: BLE001 - hub, network and cache errors all mean "not available"
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise LayertapError(
+                    f"cannot load pretrained timm weights for {full} ({reason}); connect to the internet once "
+                    "(they are cached by huggingface_hub) or pass a weights file; use weights='random' only for "
+                    "an untrained model",
+                    exit_code=1,
+                ) from None
+            cfg = getattr(module, "pretrained_cfg", {}) or {}
+            weights_id = f"{arch}.{cfg.get('tag')}" if cfg.get("tag") else full
+        data = timm.data.resolve_model_data_config(module)
+        transform = timm.data.create_transform(**data, is_training=False)
+        return finish_loading(
+            module,
+            transform,
+            f"timm:{name}",
+            tuple(int(v) for v in data["input_size"]),
+            weights,
+            seed,
+            weights_id,
+            {"data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}},
+            num_prefix_tokens=int(getattr(module, "num_prefix_tokens", 0)),
+        )
+
+
+register_source(TimmSource())
