@@ -70,6 +70,13 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     w.add_argument(
         "--model_path", "--model-path", metavar="FILE", help="same as --weights FILE (original extract.py flag)"
     )
+    w.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model option for the source, e.g. transform=validation (IPCL) or config='{\"hidden_size\": 64}' (hf)",
+    )
     o = p.add_argument_group("options")
     o.add_argument("--batch-size", "--batch_size", type=int, default=64, help="images per forward pass (default 64)")
     o.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: the best available)")
@@ -79,6 +86,14 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "--flatten_acts",
         action="store_true",
         help="store each image's activations as a vector (images x N)",
+    )
+    o.add_argument(
+        "--reduce",
+        nargs="+",
+        metavar="SPEC",
+        default=None,
+        help="reduce outputs on the device before storing: one SPEC for all layers or LAYER=SPEC each: "
+        "avg, max (global pooling), avg:K, max:K (K x K), cls, mean, cls+mean (ViT tokens), srp:K[:SEED]",
     )
     o.add_argument(
         "--dtype",

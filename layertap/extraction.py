@@ -374,7 +374,12 @@ def _run_batches(
                 feats = tap(x)
                 keep = [k for k, i in enumerate(batch.indices) if i >= start]
                 if not writer.has_layers:
-                    info = {key: {"module": key.split("#")[0], "shape": list(t.shape[1:])} for key, t in feats.items()}
+                    info: dict[str, dict[str, Any]] = {}
+                    for key, t in feats.items():
+                        layer = key.split("#")[0]
+                        info[key] = {"module": layer, "shape": list(t.shape[1:])}
+                        if tap.reduced.get(layer) and tap.reducers[layer].kind != "none":
+                            info[key]["reduce"] = tap.reducers[layer].spec
                     writer.create_layers(info, n, dtype, chunk_rows)
                 if len(keep) < len(batch.indices):
                     feats = {k: t[keep] for k, t in feats.items()}

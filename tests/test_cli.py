@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import layertap as lt
 
@@ -177,3 +178,37 @@ def test_help_is_complete(layertap_cli) -> None:
         "--module_name",
     ):
         assert flag in text, flag
+
+
+def test_reduce_and_model_options(layertap_cli, image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "acts"
+    layertap_cli(
+        "extract",
+        "--model",
+        "ipcl:alexnet_gn",
+        "--weights",
+        "random",
+        "--option",
+        "transform=validation",
+        "--layers",
+        "conv_block_5",
+        "fc7",
+        "--reduce",
+        "conv_block_5=max",
+        "--images",
+        str(image_dir),
+        "--out",
+        str(out),
+        check=True,
+    )
+    run = lt.open_run(out)
+    assert run["conv_block_5"].shape == (9, 256) and run["fc7"].shape == (9, 4096)
+    assert run.manifest["model"]["ipcl_transform"] == "validation"
+    assert run.manifest["layers"]["conv_block_5"]["reduce"] == "max"
+    model = lt.load_model("ipcl:alexnet_gn", weights="random", transform="validation")
+    with lt.Extractor(model, ["conv_block_5"]) as tap:
+        from PIL import Image
+
+        x = torch.stack([model.transform(Image.open(image_dir / p).convert("RGB")) for p in run.images])
+        want = tap(x)["conv_block_5"].amax(dim=(2, 3))
+    np.testing.assert_allclose(run["conv_block_5"][:], want.numpy(), rtol=1e-4, atol=1e-4)
