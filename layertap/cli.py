@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalize", action="store_true", help="keep raw (not l2-normalised) embeddings")
     p.set_defaults(func=cmd_text)
 
+    from .cli_analysis import add_analysis_commands
+
+    add_analysis_commands(sub)
+
     p = sub.add_parser("export", help="export a run's layers to npy or txt files (one file per layer)")
     p.add_argument("run", help="run directory written by 'layertap extract'")
     p.add_argument("--format", "-f", default="npy", help="npy or txt (default npy)")
