@@ -123,7 +123,29 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "--file_format",
         dest="file_format",
         default=None,
-        help="also export each layer as npy or txt into OUT/export-<format> when done",
+        help="also export when done, into OUT/export-<format>: npy, txt, h5, mat, mat73, pt, parquet, csv",
+    )
+    o.add_argument(
+        "--center_acts",
+        "--center-acts",
+        action="store_true",
+        help="also write OUT/processed with each unit centred (mean over images subtracted)",
+    )
+    o.add_argument(
+        "--normalize_reps",
+        "--normalize-reps",
+        action="store_true",
+        help="also write OUT/processed with each image's vector l2-normalised",
+    )
+    o.add_argument(
+        "--compress_acts",
+        "--compress-acts",
+        type=float,
+        nargs="?",
+        const=0.9,
+        default=None,
+        metavar="K",
+        help="also write OUT/processed reduced by PCA to K components or a variance fraction (default 0.9)",
     )
     o.add_argument(
         "--chunk-rows", type=int, default=None, help="rows per stored chunk (default: about 16 MB per chunk)"
@@ -197,9 +219,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analysis_commands(sub)
 
-    p = sub.add_parser("export", help="export a run's layers to npy or txt files (one file per layer)")
+    p = sub.add_parser(
+        "process", help="post-process a finished run into a new run: center, l2-normalise, PCA, random projection"
+    )
     p.add_argument("run", help="run directory written by 'layertap extract'")
-    p.add_argument("--format", "-f", default="npy", help="npy or txt (default npy)")
+    p.add_argument("--out", "-o", required=True, help="new run directory")
+    p.add_argument("--layers", nargs="+", default=None, help="only these layers (default all)")
+    p.add_argument("--center", "--center_acts", action="store_true", help="subtract each unit's mean over images")
+    p.add_argument("--normalize", "--normalize_reps", action="store_true", help="l2-normalise each image's vector")
+    p.add_argument(
+        "--pca",
+        type=float,
+        default=None,
+        metavar="K",
+        help="keep K principal components (integer) or a fraction of variance (0-1)",
+    )
+    p.add_argument("--project", type=int, default=None, metavar="K", help="sparse random projection to K dimensions")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random projection")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_process)
+
+    p = sub.add_parser(
+        "ensemble", help="feature-map ensemble (COLING 2020): flatten + concatenate layers (+ penultimate), then PCA"
+    )
+    p.add_argument("run", help="run directory written by 'layertap extract'")
+    p.add_argument("--layers", nargs="+", required=True, help="conv / max-pool layers of the run")
+    p.add_argument("--penultimate", default=None, help="also concatenate this layer (e.g. classifier.4)")
+    p.add_argument("--pca", type=float, default=None, metavar="K", help="components (integer) or variance fraction")
+    p.add_argument("--out", "-o", required=True, help="new run directory holding the layer 'ensemble'")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("export", help="export a run's layers: npy, txt, h5, mat (v5 / v7.3), pt, parquet, csv")
+    p.add_argument("run", help="run directory written by 'layertap extract'")
+    p.add_argument(
+        "--format",
+        "-f",
+        default="npy",
+        help="npy, txt, h5, mat (v7.3 above 2 GB), mat73, pt, parquet or csv (default npy)",
+    )
     p.add_argument("--out", "-o", default=None, help="output folder (default RUN/export-<format>)")
     p.add_argument("--layers", nargs="+", default=None, help="only these layers")
     p.set_defaults(func=cmd_export)
@@ -284,8 +342,10 @@ def cmd_extract(args: argparse.Namespace) -> None:
             f"conflicting weights: {', '.join(sources)}; give one of --weights, --pretrained, --model_path"
         )
     weights = sources[0] if sources else "pretrained"
-    if args.file_format and args.file_format.lstrip(".").lower() not in ("npy", "txt"):
-        raise LayertapError(f"--format must be npy or txt, not {args.file_format}")
+    if args.file_format:
+        from .formats import format_name
+
+        format_name(args.file_format)  # fail before hours of extraction, not after
     if not args.layers and not args.interactive:
         raise LayertapError("name the layer(s) with --layers (see 'layertap layers MODEL') or use --interactive")
     model = load_model(args.model, weights, seed=args.seed, **_options(args.option))
@@ -315,9 +375,54 @@ def cmd_extract(args: argparse.Namespace) -> None:
     )
     shapes = ", ".join(f"{name} {'x'.join(map(str, run[name].shape))}" for name in run.layers)
     log.info("stored %s in %s", shapes, run.path)
+    if args.center_acts or args.normalize_reps or args.compress_acts:
+        from .postprocess import postprocess
+
+        run = postprocess(
+            run,
+            run.path / "processed",
+            center=args.center_acts,
+            normalize=args.normalize_reps,
+            pca=_components(args.compress_acts),
+            seed=args.seed,
+            overwrite=True,
+        )
+        log.info("post-processed copy in %s", run.path)
     if args.file_format:
         paths = export(run, args.file_format)
         log.info("exported %d files to %s", len(paths), paths[0].parent)
+
+
+def _components(value: float | None) -> int | float | None:
+    return None if value is None else (int(value) if value >= 1 else value)
+
+
+def cmd_process(args: argparse.Namespace) -> None:
+    from .postprocess import postprocess
+
+    if not (args.center or args.normalize or args.pca or args.project):
+        raise LayertapError("nothing to do: give --center, --normalize, --pca K and/or --project K")
+    run = postprocess(
+        args.run,
+        args.out,
+        args.layers,
+        center=args.center,
+        normalize=args.normalize,
+        pca=_components(args.pca),
+        projection=args.project,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    log.info("wrote %s (%s)", run.path, ", ".join(f"{n} {'x'.join(map(str, run[n].shape))}" for n in run.layers))
+
+
+def cmd_ensemble(args: argparse.Namespace) -> None:
+    from .postprocess import feature_map_ensemble
+
+    feats = feature_map_ensemble(
+        args.run, args.layers, args.penultimate, _components(args.pca), out=args.out, overwrite=args.overwrite
+    )
+    log.info("wrote the ensemble (%s) to %s", "x".join(map(str, feats.shape)), args.out)
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -391,6 +391,15 @@ def _need(module: str, *submodules: str) -> Any:
         raise LayertapError(f"this export needs '{module}': pip install 'layertap[export]'", exit_code=1) from None
 
 
+def format_name(fmt: str) -> str:
+    """The canonical export format for ``fmt`` ('.npy', 'hdf5', 'mat7.3', ...), or a one-line error."""
+    name = fmt.lstrip(".").lower()
+    name = _ALIASES.get(name, name)
+    if name not in WRITERS:
+        raise LayertapError(f"unknown export format '{fmt}'; choose one of {', '.join(WRITERS)}")
+    return name
+
+
 def export(
     run: Run | str | os.PathLike[str],
     fmt: str = "npy",
@@ -407,10 +416,7 @@ def export(
     run = run if isinstance(run, Run) else open_run(run)
     if not run.complete:
         raise LayertapError(f"{run.path} is not complete; run the same extract command again to finish it first")
-    fmt = fmt.lstrip(".").lower()
-    fmt = _ALIASES.get(fmt, fmt)
-    if fmt not in WRITERS:
-        raise LayertapError(f"unknown export format '{fmt}'; choose one of {', '.join(WRITERS)}")
+    fmt = format_name(fmt)
     w = WRITERS[fmt]
     names = list(layers or run.layers)
     for layer in names:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,16 +95,10 @@ def parse_reducer(spec: str | None) -> Reducer:
 def _srp_reducer(spec: str, k: int, seed: int) -> Reducer:
     from .postprocess import SparseRandomProjection
 
-    projections: dict[tuple[int, str], Any] = {}
-
-    def project(t: torch.Tensor, _p: int) -> torch.Tensor:
-        flat = t.reshape(t.shape[0], -1)
-        key = (flat.shape[1], str(flat.device))
-        if key not in projections:  # one matrix per input width and device, built once
-            projections[key] = SparseRandomProjection(k, seed=seed).fit(flat.shape[1])
-        return projections[key].apply_torch(flat.float())
-
-    return Reducer(spec, "projection", project)
+    # The matrix depends only on (seed, input width, k), is built once per width and device,
+    # and is applied on the device: a 200k-unit conv map leaves the GPU as k numbers per image.
+    projection = SparseRandomProjection(k, seed=seed)
+    return Reducer(spec, "projection", lambda t, _p: projection(t))
 
 
 def reducer_for(layer: str, reduce: str | dict[str, str] | None) -> Reducer:

@@ -212,3 +212,86 @@ def test_reduce_and_model_options(layertap_cli, image_dir: Path, tmp_path: Path)
         x = torch.stack([model.transform(Image.open(image_dir / p).convert("RGB")) for p in run.images])
         want = tap(x)["conv_block_5"].amax(dim=(2, 3))
     np.testing.assert_allclose(run["conv_block_5"][:], want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_postprocess_analysis_and_formats_from_the_command_line(layertap_cli, image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "acts"
+    layertap_cli(
+        "extract",
+        "--model",
+        "alexnet",
+        "--weights",
+        "random",
+        "--layers",
+        "features.5",
+        "features.12",
+        "classifier.4",
+        "--images",
+        str(image_dir),
+        "--out",
+        str(out),
+        "--center_acts",
+        "--normalize_reps",
+        "--compress_acts",
+        "3",
+        "--file_format",
+        ".mat",
+        check=True,
+    )
+    raw, processed = lt.open_run(out), lt.open_run(out / "processed")
+    x = raw["classifier.4"][:].astype(np.float64)
+    x = x - x.mean(0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    u, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    want = (x - x.mean(0)) @ vt[:3].T
+    got = processed["classifier.4"][:]
+    assert got.shape == (9, 3)
+    np.testing.assert_allclose(np.abs(got), np.abs(want), rtol=1e-3, atol=1e-4)  # components up to sign
+    from scipy.io import loadmat
+
+    mat = loadmat(out / "processed" / "export-mat" / "classifier.4.mat")
+    np.testing.assert_array_equal(mat["activations"], got)
+
+    layertap_cli(
+        "ensemble",
+        str(out),
+        "--layers",
+        "features.5",
+        "features.12",
+        "--penultimate",
+        "classifier.4",
+        "--pca",
+        "4",
+        "--out",
+        str(tmp_path / "ens"),
+        check=True,
+    )
+    assert lt.open_run(tmp_path / "ens")["ensemble"].shape == (9, 4)
+
+    layertap_cli(
+        "rdm",
+        str(out),
+        "--layer",
+        "classifier.4",
+        "--metric",
+        "correlation",
+        "--out",
+        str(tmp_path / "rdm.npy"),
+        "--plot",
+        str(tmp_path / "rdm.png"),
+        check=True,
+    )
+    r = np.load(tmp_path / "rdm.npy")
+    np.testing.assert_allclose(r, 1 - np.corrcoef(raw["classifier.4"][:].astype(np.float64)), atol=1e-6)
+    assert (tmp_path / "rdm.png").stat().st_size > 1000
+    proc = layertap_cli("compare", str(out), "--method", "cka-linear", "--out", str(tmp_path / "cmp.csv"), check=True)
+    assert (tmp_path / "cmp.csv").read_text().count("\n") >= 3, proc.stdout
+
+
+def test_random_projection_on_the_fly_matches_offline(image_dir: Path, tmp_path: Path) -> None:
+    model = lt.load_model("alexnet", weights="random", seed=4)
+    full = lt.extract(model, image_dir, ["features.5"], tmp_path / "full", workers=0)
+    proj = lt.extract(model, image_dir, ["features.5"], tmp_path / "srp", workers=0, reduce="srp:256:7")
+    assert proj["features.5"].shape == (9, 256) and proj.manifest["layers"]["features.5"]["reduce"] == "srp:256:7"
+    want = lt.SparseRandomProjection(256, seed=7).apply_numpy(full["features.5"][:])
+    np.testing.assert_allclose(proj["features.5"][:], want, rtol=1e-3, atol=1e-3)

@@ -146,3 +146,9 @@ def test_seed_models_build_and_list_layers(name: str) -> None:
     assert any(i.name.startswith("features") or i.name.startswith("layer") for i in infos)
     ran = [i for i in infos if i.calls]
     assert ran and all(i.shape is not None for i in ran)
+
+
+def test_bare_names_prefer_torchvision() -> None:
+    assert lt.load_model("resnet18", weights="random").name == "torchvision:resnet18"
+    assert lt.load_model("timm:resnet18", weights="random").name == "timm:resnet18"
+    assert lt.load_model("ipcl1", weights="random").name == "ipcl:ipcl1"

@@ -2,6 +2,15 @@
 
 Adding a source = adding one module here and one import line below. Sources whose package is an
 optional extra (timm, open_clip, transformers) import it only when a model is listed or loaded.
+The import order is the lookup order for bare names: ``resnet18`` is torchvision's, while
+``timm:resnet18`` asks timm.
 """
 
-from . import clip_models, custom, hf_models, ipcl, timm_models, torchvision_models  # noqa: F401
+# isort: off
+from . import torchvision_models  # noqa: F401
+from . import ipcl  # noqa: F401
+from . import custom  # noqa: F401
+from . import timm_models  # noqa: F401
+from . import clip_models  # noqa: F401
+from . import hf_models  # noqa: F401
+# isort: on
