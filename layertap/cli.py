@@ -150,6 +150,13 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--chunk-rows", type=int, default=None, help="rows per stored chunk (default: about 16 MB per chunk)"
     )
+    o.add_argument(
+        "--shard",
+        default="auto",
+        metavar="I/N",
+        help="extract the I-th of N slices (0-based) into OUT/shards/; default: from a Slurm job array or torchrun",
+    )
+    o.add_argument("--no-merge", action="store_true", help="do not merge the shards into OUT when the last one ends")
     o.add_argument("--no-channels-last", action="store_true", help="keep the default memory layout for conv nets")
     o.add_argument(
         "--no-exif-transpose", action="store_true", help="ignore EXIF orientation tags (default: apply them)"
@@ -249,6 +256,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="new run directory holding the layer 'ensemble'")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("merge", help="merge the shards of a sharded extraction into one run")
+    p.add_argument("out", help="the --out of the sharded extraction (its shards are in OUT/shards/)")
+    p.add_argument("shards", nargs="*", help="shard run directories (default: all in OUT/shards/)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "slurm",
+        help="write sbatch scripts: a job array of extraction shards and a dependent merge job",
+        description="Write OUT/slurm/extract.sbatch (job array), merge.sbatch and submit.sh for an extraction. "
+        "Give the extract arguments after '--'.",
+        epilog="example: layertap slurm --shards 8 --gpus-per-task 1 -- --model resnet50 --layers avgpool "
+        "--images /data/things --out /scratch/acts",
+    )
+    p.add_argument("--shards", type=int, required=True, help="number of array tasks")
+    p.add_argument("--cpus-per-task", type=int, default=4)
+    p.add_argument("--mem", default="16G")
+    p.add_argument("--time", default="04:00:00")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--gpus-per-task", type=int, default=0)
+    p.add_argument("--setup", default=None, help="shell line run first in each job, e.g. 'module load cuda'")
+    p.add_argument("--script-dir", default=None, help="where to write the scripts (default OUT/slurm)")
+    p.add_argument("--submit", action="store_true", help="also run submit.sh now")
+    p.add_argument("extract_args", nargs=argparse.REMAINDER, help="-- then the arguments of 'layertap extract'")
+    p.set_defaults(func=cmd_slurm)
+
+    p = sub.add_parser(
+        "launch",
+        help="run one extraction process per device on this machine (e.g. one per GPU), then merge",
+        epilog="example: layertap launch --devices cuda:0 cuda:1 cuda:2 cuda:3 -- --model resnet50 "
+        "--layers avgpool --images ./images --out ./acts",
+    )
+    p.add_argument("--devices", nargs="+", required=True, help="one shard per device, e.g. cuda:0 cuda:1")
+    p.add_argument("extract_args", nargs=argparse.REMAINDER, help="-- then the arguments of 'layertap extract'")
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("export", help="export a run's layers: npy, txt, h5, mat (v5 / v7.3), pt, parquet, csv")
     p.add_argument("run", help="run directory written by 'layertap extract'")
@@ -371,6 +414,8 @@ def cmd_extract(args: argparse.Namespace) -> None:
         channels_last=False if args.no_channels_last else "auto",
         chunk_rows=args.chunk_rows,
         exif_transpose=not args.no_exif_transpose,
+        shard=args.shard,
+        merge=not args.no_merge,
         progress=not args.quiet,
     )
     shapes = ", ".join(f"{name} {'x'.join(map(str, run[name].shape))}" for name in run.layers)
@@ -423,6 +468,64 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
         args.run, args.layers, args.penultimate, _components(args.pca), out=args.out, overwrite=args.overwrite
     )
     log.info("wrote the ensemble (%s) to %s", "x".join(map(str, feats.shape)), args.out)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from .storage import merge_shards
+
+    run = merge_shards(args.out, args.shards or None)
+    log.info("merged %d images into %s", len(run.images), run.path)
+
+
+def _extract_args(rest: list[str]) -> tuple[list[str], str]:
+    """Validate the arguments after '--' as 'layertap extract' arguments; return them and --out."""
+    rest = rest[1:] if rest[:1] == ["--"] else rest
+    if not rest:
+        raise LayertapError(
+            "give the extract arguments after '--', e.g. -- --model alexnet --layers fc --images I --out O"
+        )
+    parser = build_parser()
+    try:
+        parsed = parser.parse_args(["extract", *rest])
+    except SystemExit:
+        raise LayertapError("the arguments after '--' are not valid 'layertap extract' arguments (see above)") from None
+    if parsed.interactive:
+        raise LayertapError("--interactive cannot run in batch jobs; name the layers with --layers")
+    return rest, parsed.out
+
+
+def cmd_slurm(args: argparse.Namespace) -> None:
+    import subprocess
+
+    from .cluster import write_slurm_scripts
+
+    rest, out = _extract_args(args.extract_args)
+    paths = write_slurm_scripts(
+        rest,
+        out,
+        args.shards,
+        script_dir=args.script_dir,
+        cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        gpus_per_task=args.gpus_per_task,
+        setup=args.setup,
+    )
+    print(f"wrote {paths['extract.sbatch']}, {paths['merge.sbatch']} and {paths['submit.sh']}")
+    if args.submit:
+        subprocess.run(["bash", str(paths["submit.sh"])], check=True)
+    else:
+        print(f"submit with: bash {paths['submit.sh']}")
+
+
+def cmd_launch(args: argparse.Namespace) -> None:
+    from .cluster import launch
+
+    rest, out = _extract_args(args.extract_args)
+    launch(rest, args.devices, out)
+    log.info("all %d shards done and merged into %s", len(args.devices), out)
 
 
 def cmd_export(args: argparse.Namespace) -> None:

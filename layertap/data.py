@@ -146,12 +146,18 @@ class ImageSet:
         pick = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
         return self._take(pick.tolist(), fraction=fraction, fraction_seed=seed)
 
-    def shard(self, index: int, count: int) -> ImageSet:
-        """The ``index``-th of ``count`` disjoint, contiguous slices of the order (0-based)."""
+    def shard(self, index: int, count: int, align: int = 1) -> ImageSet:
+        """The ``index``-th of ``count`` disjoint, contiguous slices of the order (0-based).
+
+        Slices are cut at multiples of ``align`` (the batch size), so every shard computes
+        exactly the batches an unsharded run computes: merged shards are byte-identical to it.
+        """
         if not 0 <= index < count:
             raise LayertapError(f"shard index must be in 0..{count - 1}, got {index}")
-        lo, hi = len(self) * index // count, len(self) * (index + 1) // count
-        return self._take(range(lo, hi), shard=[index, count])
+        blocks = -(-len(self) // align)
+        lo = min(len(self), blocks * index // count * align)
+        hi = min(len(self), blocks * (index + 1) // count * align)
+        return self._take(range(lo, hi), shard=[index, count], shard_offset=lo)
 
     def relpath(self, path: str) -> str:
         if self.root and os.path.commonpath([self.root, path]) == self.root:

@@ -206,6 +206,8 @@ def extract(
     channels_last: bool | str = "auto",
     chunk_rows: int | None = None,
     exif_transpose: bool = True,
+    shard: str | tuple[int, int] | None = "auto",
+    merge: bool = True,
     progress: bool = True,
 ) -> Run:
     """Extract ``layers`` of ``model`` for every image in ``images`` into the run directory ``out``.
@@ -222,13 +224,25 @@ def extract(
     for conv maps, ``"cls"`` for ViT tokens, ``{"layer3": "max:2"}``). Images that cannot
     be decoded are skipped, logged and recorded (``on_error="fail"`` stops instead).
     ``dtype`` is the storage type (float32, float16, bfloat16); computation is float32.
+
+    ``shard=(i, n)`` (or ``"i/n"``) extracts the i-th of n disjoint slices (cut at batch
+    boundaries) into ``out/shards/``; ``"auto"`` (default) takes i and n from a Slurm job array
+    or torchrun when there is one. With ``merge``, the shard that finds all n complete merges
+    them into ``out``, byte-identical to an unsharded run (see :func:`layertap.storage.merge_shards`).
     """
+    from .cluster import resolve_shard, shard_dir
+
     if dtype not in STORAGE_DTYPES:
         raise LayertapError(f"unknown dtype '{dtype}'; choose one of {', '.join(STORAGE_DTYPES)}")
     if on_error not in ("skip", "fail"):
         raise LayertapError(f"--on-error must be 'skip' or 'fail', not '{on_error}'")
     if batch_size < 1:
         raise LayertapError(f"--batch-size must be at least 1, got {batch_size}")
+    part = resolve_shard(shard)
+    if part is not None and (str(device) == "auto" or os.environ.get("LAYERTAP_DEVICE")):
+        from .cluster import shard_device
+
+        device = shard_device()  # the launcher's device for this shard, or cuda:LOCAL_RANK under torchrun
     loaded = load_model(model, weights, seed=seed) if isinstance(model, str) else as_loaded(model)
     imageset = images if isinstance(images, ImageSet) else ImageSet.from_path(images, things=things)
     if fraction is not None:
@@ -236,7 +250,6 @@ def extract(
     names = resolve_layers(loaded, layers)
     dev = resolve_device(device)
     use_cl = prepare_module(loaded.module, dev, channels_last)
-    n = len(imageset)
     options = {
         "batch_size": batch_size,
         "flatten": flatten,
@@ -249,83 +262,113 @@ def extract(
         "on_error": on_error,
         "seed": seed,
     }
-    spec = {"model": loaded.provenance, "layers": names, "images": imageset.fingerprint(), "n_images": n, **options}
-    spec.pop("on_error")  # how failures are handled does not change what is stored
+
+    def job_spec(images_: ImageSet) -> dict[str, Any]:
+        spec_ = {"model": loaded.provenance, "layers": names, "images": images_.fingerprint(),
+                 "n_images": len(images_), **options}
+        spec_.pop("on_error")  # how failures are handled does not change what is stored
+        # The device type matters (kernels differ); which GPU of several does not.
+        spec_["device"] = dev.type
+        return spec_
+
+    manifest = {
+        "layertap": "run",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "command": sys.argv if Path(sys.argv[0]).name == "layertap" else None,
+        "model": loaded.provenance,
+        "layers_requested": [layers] if isinstance(layers, str) else list(layers),
+        "options": {**options, "workers": workers, "fraction": fraction},
+        "decode": {
+            "library": "PIL",
+            "exif_transpose": exif_transpose,
+            "alpha_background": list(ALPHA_BACKGROUND),
+            "gray_16bit": "scaled to 8 bits (value / 257, rounded)",
+        },
+    }
+    tap = Extractor(loaded, names, flatten=flatten, reduce=reduce)
+    settings = (dev, use_cl, batch_size, workers, dtype, on_error, chunk_rows, exif_transpose, progress)
+    if part is None:
+        return _extract_into(Path(out), imageset, job_spec(imageset), manifest, tap, settings, overwrite)
+    index, count = part
+    piece = imageset.shard(index, count, align=batch_size)
+    shard_manifest = {
+        **manifest,
+        "shard": {"index": index, "count": count, "offset": piece.selection["shard_offset"],
+                  "parent": str(Path(out).resolve()), "parent_spec": job_spec(imageset),
+                  "parent_images": {"root": imageset.root, "layout": imageset.layout, "n_total": len(imageset),
+                                    "classes": imageset.classes, "concepts": imageset.concepts,
+                                    "selection": imageset.selection}},
+    }
+    spec = {**job_spec(piece), "shard": [index, count]}
+    run = _extract_into(shard_dir(out, index, count), piece, spec, shard_manifest, tap, settings, overwrite)
+    log.info("shard %d/%d complete: %s", index, count, run.path)
+    if merge:
+        from .storage import try_merge
+
+        merged = try_merge(out)
+        if merged is not None:
+            return merged
+    return run
+
+
+def _extract_into(
+    out: Path,
+    imageset: ImageSet,
+    spec: dict[str, Any],
+    manifest: dict[str, Any],
+    tap: Extractor,
+    settings: tuple[Any, ...],
+    overwrite: bool,
+) -> Run:
+    """Extract ``imageset`` into the run directory ``out`` (create, resume, or find it complete)."""
+    dev, use_cl, batch_size, workers, dtype, on_error, chunk_rows, exif_transpose, progress = settings
+    n = len(imageset)
     writer = RunWriter(out, spec, overwrite=overwrite)
     with writer:
         if writer.already_complete:
             log.info("%s is already complete; nothing to do (pass overwrite=True to redo it)", out)
             return Run(out)
-        writer.begin(
-            {
-                "layertap": "run",
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "versions": _versions(),
-                "command": sys.argv if Path(sys.argv[0]).name == "layertap" else None,
-                "model": loaded.provenance,
-                "layers_requested": [layers] if isinstance(layers, str) else list(layers),
-                "options": {**options, "workers": workers, "fraction": fraction},
-                "decode": {
-                    "library": "PIL",
-                    "exif_transpose": exif_transpose,
-                    "alpha_background": list(ALPHA_BACKGROUND),
-                    "gray_16bit": "scaled to 8 bits (value / 257, rounded)",
-                },
-            }
-        )
+        writer.begin(manifest)
         start = writer.resume_image
         if start:
             log.info("resuming %s at image %d of %d", out, start, n)
         first = (start // batch_size) * batch_size  # same batches as the first attempt: same bytes
-        tap = Extractor(loaded, names, flatten=flatten, reduce=reduce)
-        _run_batches(
-            tap,
-            imageset,
-            writer,
-            dev,
-            use_cl,
-            first,
-            start,
-            batch_size,
-            workers,
-            dtype,
-            on_error,
-            chunk_rows,
-            exif_transpose,
-            progress,
-        )
+        _run_batches(tap, imageset, writer, dev, use_cl, first, start, batch_size, workers, dtype, on_error,
+                     chunk_rows, exif_transpose, progress)
         skipped = writer.finish(n)
         if not writer.has_layers:
             raise LayertapError(f"none of the {n} images could be decoded (first error: {skipped[0][1]})")
-        skipped_set = {i for i, _ in skipped}
-        rows = []
-        for i, path in enumerate(imageset.paths):
-            if i in skipped_set:
-                continue
-            row: dict[str, Any] = {"path": imageset.relpath(path)}
-            if imageset.targets is not None:
-                row["target"] = imageset.targets[i]
-                row["class"] = imageset.class_name(i)
-            rows.append(row)
-        writer.complete(
-            {
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "images": {
-                    "root": imageset.root,
-                    "layout": imageset.layout,
-                    "n_total": n,
-                    "n_stored": len(rows),
-                    "classes": imageset.classes,
-                    "concepts": imageset.concepts,
-                    "selection": imageset.selection,
-                    "rows": rows,
-                    "skipped": [{"path": imageset.relpath(imageset.paths[i]), "reason": r} for i, r in skipped],
-                },
-            }
-        )
+        writer.complete({"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                         "images": images_section(imageset, skipped)})
     if skipped:
         log.warning("%d of %d images could not be decoded and were skipped (listed in the manifest)", len(skipped), n)
     return Run(out)
+
+
+def images_section(imageset: ImageSet, skipped: list[tuple[int, str]]) -> dict[str, Any]:
+    """The manifest's ``images``: one row per stored row (path, target, class) and the skipped."""
+    skipped_set = {i for i, _ in skipped}
+    rows = []
+    for i, path in enumerate(imageset.paths):
+        if i in skipped_set:
+            continue
+        row: dict[str, Any] = {"path": imageset.relpath(path)}
+        if imageset.targets is not None:
+            row["target"] = imageset.targets[i]
+            row["class"] = imageset.class_name(i)
+        rows.append(row)
+    return {
+        "root": imageset.root,
+        "layout": imageset.layout,
+        "n_total": len(imageset),
+        "n_stored": len(rows),
+        "classes": imageset.classes,
+        "concepts": imageset.concepts,
+        "selection": imageset.selection,
+        "rows": rows,
+        "skipped": [{"path": imageset.relpath(imageset.paths[i]), "reason": r, "index": i} for i, r in skipped],
+    }
 
 
 def _run_batches(

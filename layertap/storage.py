@@ -119,6 +119,10 @@ class LayerArray:
         data = np.asarray(self._z[key])
         return bf16_to_float32(data) if self.stored_dtype == "bfloat16" else data
 
+    def raw(self, key: Any) -> np.ndarray:
+        """Rows as stored (bfloat16 as uint16 bit patterns), for copying without conversion."""
+        return np.asarray(self._z[key])
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         data = self[...]
         return data if dtype is None else data.astype(dtype)
@@ -391,3 +395,108 @@ class RunWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def shard_runs(out: str | os.PathLike[str]) -> list[Run]:
+    """The shard runs under ``out/shards/``, in shard order."""
+    from .cluster import SHARDS
+
+    root = Path(out) / SHARDS
+    dirs = sorted(d for d in root.glob("*-of-*") if (d / MANIFEST).is_file()) if root.is_dir() else []
+    return [Run(d) for d in dirs]
+
+
+def merge_shards(out: str | os.PathLike[str], shards: list[str | os.PathLike[str]] | None = None) -> Run:
+    """Merge shard runs (default: all of ``out/shards/``) into the run ``out``.
+
+    The result is the run an unsharded extraction would have written: the same spec (so the
+    unsharded command finds it complete), the same image rows, skipped images and layer arrays,
+    byte for byte. Refuses, naming them, while any shard is missing or unfinished. Resumable.
+    """
+    runs = [Run(s) for s in shards] if shards else shard_runs(out)
+    if not runs:
+        raise LayertapError(f"no shards to merge in {Path(out) / 'shards'}; run 'layertap extract --shard i/n' first")
+    infos = [r.manifest.get("shard") for r in runs]
+    if any(i is None for i in infos):
+        bad = [str(r.path) for r, i in zip(runs, infos, strict=True) if i is None]
+        raise LayertapError(f"not shard runs: {', '.join(bad)}")
+    count = infos[0]["count"]
+    by_index = {i["index"]: r for r, i in zip(runs, infos, strict=True) if i["count"] == count}
+    missing = [i for i in range(count) if i not in by_index]
+    unfinished = [i for i, r in sorted(by_index.items()) if not r.complete]
+    if missing or unfinished or len(by_index) != len(runs):
+        parts = []
+        if missing:
+            parts.append(f"missing: {', '.join(map(str, missing))}")
+        if unfinished:
+            parts.append(f"unfinished: {', '.join(map(str, unfinished))}")
+        if len(by_index) != len(runs):
+            parts.append("shards of different counts were mixed")
+        raise LayertapError(
+            f"cannot merge {out} yet, shards of {count} {'; '.join(parts)}; run or resubmit those shards, then merge again",
+            exit_code=1,
+        )
+    ordered = [by_index[i] for i in range(count)]
+    parent_spec = ordered[0].manifest["shard"]["parent_spec"]
+    if any(r.manifest["shard"]["parent_spec"] != parent_spec for r in ordered):
+        raise LayertapError(f"the shards in {out} come from different jobs (model, layers, images or options differ)")
+    first = ordered[0].manifest
+    writer = RunWriter(out, parent_spec)
+    with writer:
+        if writer.already_complete:
+            return Run(out)
+        base = {k: v for k, v in first.items() if k not in ("shard", "spec", "status", "layers", "storage", "images",
+                                                            "finished")}
+        writer.begin({**base, "merged_from": [str(r.path) for r in ordered]})
+        n_total = sum(r.manifest["images"]["n_total"] for r in ordered)
+        if not writer.has_layers:
+            layers = {k: {kk: vv for kk, vv in v.items() if kk != "dtype"} for k, v in first["layers"].items()}
+            dtype = next(iter(first["layers"].values()))["dtype"]
+            writer.create_layers(layers, n_total, dtype, parent_spec.get("chunk_rows"))
+        start = writer.resume_image
+        rows_out, skipped_out = [], []
+        for run in ordered:
+            offset = run.manifest["shard"]["offset"]
+            imgs = run.manifest["images"]
+            rows_out.extend(imgs["rows"])
+            skipped_out.extend({**sk, "index": offset + sk["index"]} for sk in imgs["skipped"])
+            skipped_local = {sk["index"] for sk in imgs["skipped"]}
+            glob = [offset + i for i in range(imgs["n_total"]) if i not in skipped_local]
+            for sk in imgs["skipped"]:
+                if offset + sk["index"] >= start:
+                    writer.skip(offset + sk["index"], sk["reason"])
+            arrays = {name: run[name] for name in first["layers"]}
+            step = writer.chunk_rows
+            for r0 in range(0, len(glob), step):
+                ids = glob[r0 : r0 + step]
+                keep = [k for k, g in enumerate(ids) if g >= start]
+                if not keep:
+                    continue
+                lo = r0 + keep[0]
+                block = {name: arr.raw(slice(lo, r0 + len(ids))) for name, arr in arrays.items()}
+                writer.add(block, ids[keep[0] :])
+        writer.finish(n_total)
+        parent_images = first["shard"]["parent_images"]
+        writer.complete(
+            {
+                "finished": first.get("finished"),
+                "images": {**parent_images, "n_stored": len(rows_out), "rows": rows_out, "skipped": skipped_out},
+            }
+        )
+    return Run(out)
+
+
+def try_merge(out: str | os.PathLike[str]) -> Run | None:
+    """Merge ``out``'s shards if every one is complete and nobody else is merging; else None."""
+    runs = shard_runs(out)
+    if not runs or not all(r.complete for r in runs):
+        return None
+    count = runs[0].manifest["shard"]["count"]
+    if len(runs) < count:
+        return None
+    try:
+        return merge_shards(out)
+    except LayertapError as err:
+        if "another layertap process" in str(err):
+            return None  # a sibling shard is merging right now
+        raise

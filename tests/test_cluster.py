@@ -1,0 +1,256 @@
+"""Shards, merge (byte-identical to an unsharded run), simulated and real Slurm job arrays, the launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import photo
+from PIL import Image
+
+import layertap as lt
+from layertap.cluster import shard_from_env, write_slurm_scripts
+
+ARGS = [
+    "--model",
+    "alexnet",
+    "--weights",
+    "random",
+    "--seed",
+    "3",
+    "--layers",
+    "features.5",
+    "classifier.4",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--dtype",
+    "bfloat16",
+]
+
+
+@pytest.fixture(scope="module")
+def stimuli(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 images in 3 classes, two of them corrupt (so shards carry skipped images)."""
+    root = tmp_path_factory.mktemp("stimuli")
+    names = ["astronaut", "coffee", "chelsea", "rocket"]
+    for i in range(30):
+        d = root / f"class{i % 3}"
+        d.mkdir(exist_ok=True)
+        Image.fromarray(photo(names[i % 4], seed=i, size=(90, 70))).save(d / f"im{i:02d}.jpg", quality=90)
+    (root / "class1" / "im04.jpg").write_bytes(b"")
+    (root / "class2" / "im20.jpg").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def unsharded(stimuli: Path, tmp_path_factory: pytest.TempPathFactory) -> lt.Run:
+    out = tmp_path_factory.mktemp("full") / "run"
+    subprocess.run(
+        [sys.executable, "-m", "layertap", "extract", *ARGS, "--images", str(stimuli), "--out", str(out), "-q"],
+        check=True,
+        env=_clean_env(),
+    )
+    return lt.open_run(out)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "LAYERTAP_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    return {**env, **extra}
+
+
+def assert_same_store(merged: lt.Run, ref: lt.Run) -> None:
+    assert merged.complete and merged.layers == ref.layers
+    for layer in ref.layers:
+        assert merged[layer].shape == ref[layer].shape
+        assert merged[layer].raw(slice(None)).tobytes() == ref[layer].raw(slice(None)).tobytes(), layer
+        assert merged[layer].chunk_rows == ref[layer].chunk_rows
+    assert merged.manifest["images"] == ref.manifest["images"]
+    assert merged.manifest["layers"] == ref.manifest["layers"]
+    assert merged.manifest["spec"] == ref.manifest["spec"]
+    assert merged.manifest["storage"] == ref.manifest["storage"]
+
+
+def test_shard_from_environment() -> None:
+    assert shard_from_env({}) is None
+    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == (
+        2,
+        4,
+    )
+    assert shard_from_env(
+        {
+            "SLURM_ARRAY_TASK_ID": "4",
+            "SLURM_ARRAY_TASK_MIN": "0",
+            "SLURM_ARRAY_TASK_MAX": "6",
+            "SLURM_ARRAY_TASK_STEP": "2",
+        }
+    ) == (2, 4)
+    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1"}) is None
+    assert shard_from_env({"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)
+    assert shard_from_env({"LAYERTAP_SHARD": "3/8", "RANK": "1", "WORLD_SIZE": "2"}) == (3, 8)
+    with pytest.raises(lt.LayertapError, match="i/n"):
+        shard_from_env({"LAYERTAP_SHARD": "3-8"})
+
+
+def test_shards_are_batch_aligned_and_cover(stimuli: Path) -> None:
+    s = lt.ImageSet.from_path(stimuli)
+    parts = [s.shard(i, 4, align=4) for i in range(4)]
+    assert sum((p.paths for p in parts), []) == s.paths
+    assert all(p.selection["shard_offset"] % 4 == 0 for p in parts)
+
+
+def test_simulated_job_array_merges_byte_identical(stimuli: Path, unsharded: lt.Run, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    for task in (3, 1, 0):  # out of order, and the last one is missing at first
+        env = _clean_env(SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_COUNT="4")
+        subprocess.run(
+            [sys.executable, "-m", "layertap", "extract", *ARGS, "--images", str(stimuli), "--out", str(out), "-q"],
+            check=True,
+            env=env,
+        )
+    assert not (out / "manifest.json").exists(), "merged before every shard was done"
+    proc = subprocess.run(
+        [sys.executable, "-m", "layertap", "merge", str(out)], capture_output=True, text=True, env=_clean_env()
+    )
+    assert proc.returncode == 1 and "shards of 4 missing: 2" in proc.stderr
+    env = _clean_env(SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_COUNT="4")
+    subprocess.run(
+        [sys.executable, "-m", "layertap", "extract", *ARGS, "--images", str(stimuli), "--out", str(out), "-q"],
+        check=True,
+        env=env,
+    )  # the last shard merges
+    merged = lt.open_run(out)
+    assert_same_store(merged, unsharded)
+    assert {s["path"] for s in merged.skipped} == {"class1/im04.jpg", "class2/im20.jpg"}
+    # the unsharded command finds the merged run complete: nothing is recomputed
+    again = subprocess.run(
+        [sys.executable, "-m", "layertap", "extract", *ARGS, "--images", str(stimuli), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+    )
+    assert again.returncode == 0 and "already complete" in again.stderr
+
+
+def test_cancelled_shard_resumes_and_merge_waits(
+    stimuli: Path, unsharded: lt.Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    kw = {"weights": "random", "seed": 3, "batch_size": 4, "workers": 0, "dtype": "bfloat16"}
+    layers = ["features.5", "classifier.4"]
+    for i in (0, 2):
+        lt.extract("alexnet", stimuli, layers, out, shard=(i, 3), **kw)
+    with pytest.raises(lt.LayertapError, match="missing: 1"):
+        lt.storage.merge_shards(out)
+
+    def cancelled(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt  # scancel / Ctrl-C at the very end of the shard
+
+    with monkeypatch.context() as m:
+        m.setattr(lt.storage.RunWriter, "finish", cancelled)
+        with pytest.raises(KeyboardInterrupt):
+            lt.extract("alexnet", stimuli, layers, out, shard=(1, 3), **kw)
+    with pytest.raises(lt.LayertapError, match="unfinished: 1"):
+        lt.storage.merge_shards(out)
+    run = lt.extract("alexnet", stimuli, layers, out, shard="1/3", **kw)  # resubmitted: resumes, then merges
+    assert_same_store(run, unsharded)
+
+
+def test_launcher_one_process_per_device(stimuli: Path, unsharded: lt.Run, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "layertap",
+            "launch",
+            "--devices",
+            "cpu",
+            "cpu",
+            "--",
+            *ARGS,
+            "--images",
+            str(stimuli),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert_same_store(lt.open_run(out), unsharded)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000-of-00002", "00001-of-00002"]
+
+
+def test_slurm_scripts(tmp_path: Path) -> None:
+    paths = write_slurm_scripts(
+        ["--model", "alexnet", "--layers", "fc", "--out", str(tmp_path / "o")],
+        tmp_path / "o",
+        8,
+        gpus_per_task=1,
+        partition="gpu",
+        setup="module load cuda",
+    )
+    extract = paths["extract.sbatch"].read_text()
+    assert "#SBATCH --array=0-7" in extract and "#SBATCH --gres=gpu:1" in extract and "--partition=gpu" in extract
+    assert "module load cuda" in extract and "-m layertap extract --model alexnet" in extract
+    assert "--dependency=afterok" in paths["submit.sh"].read_text()
+    assert f"layertap merge {(tmp_path / 'o').resolve()}" in paths["merge.sbatch"].read_text()
+
+
+@pytest.mark.slow
+def test_real_slurm_job_array_and_merge_job(stimuli: Path, unsharded: lt.Run, tmp_path: Path) -> None:
+    import slurm_cluster
+
+    slurm_cluster.ensure_installed()
+    cluster = slurm_cluster.SlurmCluster(tmp_path / "slurm").start()
+    try:
+        out = tmp_path / "run"
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "layertap",
+                "slurm",
+                "--shards",
+                "4",
+                "--cpus-per-task",
+                "1",
+                "--mem",
+                "1G",
+                "--time",
+                "00:20:00",
+                "--submit",
+                "--",
+                *ARGS,
+                "--images",
+                str(stimuli),
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            env={**_clean_env(), "SLURM_CONF": cluster.env["SLURM_CONF"]},
+        )
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        assert "submitted extraction array" in proc.stdout
+        cluster.wait_idle(timeout=900)
+        logs = "\n".join(p.read_text() for p in sorted((out / "slurm" / "logs").glob("*.out")))
+        assert (out / "manifest.json").exists(), f"merge job did not produce the run:\n{logs}\n{cluster.logs()}"
+        assert_same_store(lt.open_run(out), unsharded)
+        assert len(list((out / "slurm" / "logs").glob("extract-*_*.out"))) == 4
+        assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    finally:
+        cluster.stop()
+        shutil.rmtree(tmp_path / "slurm", ignore_errors=True)
