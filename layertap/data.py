@@ -66,7 +66,13 @@ class ImageSet:
     def from_folder(cls, folder: str | os.PathLike[str], *, things: bool = False) -> ImageSet:
         root = Path(folder).resolve()
         found: list[Path] = []
+        seen: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:  # a symlink loop (or a second link to a folder already listed)
+                dirnames[:] = []
+                continue
+            seen.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found.extend(
                 Path(dirpath) / f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
