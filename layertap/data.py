@@ -213,17 +213,23 @@ def _find_things_concepts(root: Path, classes: list[str], required: bool) -> dic
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not silently grey pixels
 
 
-def load_rgb(path: str, exif_transpose: bool = True) -> Image.Image:
+def load_rgb(path: str, exif_transpose: bool = True, draft: int | None = None) -> Image.Image:
     """Decode any supported image to 8-bit RGB.
 
     Grayscale and palette images are expanded; 16-bit images are scaled to 8 bits (not clipped);
     CMYK is converted by PIL; transparent pixels are composited onto white. EXIF orientation is
     applied when ``exif_transpose`` (the photo as a viewer shows it). Decompression bombs (more
     than twice PIL's ``MAX_IMAGE_PIXELS``) raise.
+
+    ``draft`` (opt-in, see :func:`draft_size`): let libjpeg decode a JPEG at 1/2, 1/4 or 1/8
+    scale as long as both sides stay >= ``draft`` pixels. 2-4x faster for large photos, but the
+    pixels differ slightly from a full decode followed by the same resize.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (draft, draft))
             img.load()
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
@@ -258,16 +264,39 @@ class Batch:
     failed: list[tuple[int, str]]
 
 
+def draft_size(transform: Any) -> int | None:
+    """The shorter-side size a transform resizes to first (what reduced JPEG decoding may keep),
+    or None when it cannot be read off the transform (then nothing is drafted)."""
+    size = getattr(transform, "resize_size", None)  # torchvision's weight presets
+    if size is None:
+        from torchvision import transforms as T
+
+        for t in getattr(transform, "transforms", []):
+            if isinstance(t, T.Resize):
+                size = t.size
+                break
+    if size is None:
+        return None
+    values = [size] if isinstance(size, int) else list(size)
+    return int(max(values)) if values else None
+
+
 class _Decoded(torch.utils.data.Dataset):
-    def __init__(self, paths: list[str], transform: Callable[[Image.Image], torch.Tensor], exif_transpose: bool):
-        self.paths, self.transform, self.exif_transpose = paths, transform, exif_transpose
+    def __init__(
+        self,
+        paths: list[str],
+        transform: Callable[[Image.Image], torch.Tensor],
+        exif_transpose: bool,
+        draft: int | None = None,
+    ):
+        self.paths, self.transform, self.exif_transpose, self.draft = paths, transform, exif_transpose, draft
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.transform(load_rgb(self.paths[i], self.exif_transpose)), None
+            return i, self.transform(load_rgb(self.paths[i], self.exif_transpose, self.draft)), None
         except Exception as err:  # noqa: BLE001 - every decode failure becomes a skip record
             return i, None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
 
@@ -294,13 +323,14 @@ def iter_batches(
     workers: int | None = None,
     pin_memory: bool = False,
     exif_transpose: bool = True,
+    draft: int | None = None,
 ) -> Iterator[Batch]:
     """Batches of ``paths[start:]``, decoded in ``workers`` processes, in order.
 
     Batch ``k`` always holds ``paths[start + k*batch_size : start + (k+1)*batch_size]`` (minus
     failures), so a resumed run that starts at a batch boundary sees the very same batches.
     """
-    dataset = _Decoded(paths, transform, exif_transpose)
+    dataset = _Decoded(paths, transform, exif_transpose, draft)
     indices = range(start, len(paths))
     nw = default_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(

@@ -206,6 +206,7 @@ def extract(
     channels_last: bool | str = "auto",
     chunk_rows: int | None = None,
     exif_transpose: bool = True,
+    fast_decode: bool = False,
     shard: str | tuple[int, int] | None = "auto",
     merge: bool = True,
     progress: bool = True,
@@ -224,6 +225,9 @@ def extract(
     for conv maps, ``"cls"`` for ViT tokens, ``{"layer3": "max:2"}``). Images that cannot
     be decoded are skipped, logged and recorded (``on_error="fail"`` stops instead).
     ``dtype`` is the storage type (float32, float16, bfloat16); computation is float32.
+    ``fast_decode`` (opt-in, recorded) decodes large JPEGs at reduced scale (libjpeg DCT scaling)
+    when the transform first resizes them anyway: 2x faster decoding of 1200x900 photos, but
+    pixel values differ slightly from a full decode, so it is off by default.
 
     ``shard=(i, n)`` (or ``"i/n"``) extracts the i-th of n disjoint slices (cut at batch
     boundaries) into ``out/shards/``; ``"auto"`` (default) takes i and n from a Slurm job array
@@ -248,6 +252,13 @@ def extract(
     if fraction is not None:
         imageset = imageset.subset(fraction, seed)
     names = resolve_layers(loaded, layers)
+    draft = None
+    if fast_decode:
+        from .data import draft_size
+
+        draft = draft_size(loaded.transform)
+        if draft is None:
+            log.warning("fast_decode: cannot tell this model's resize size from its transform; decoding fully")
     dev = resolve_device(device)
     use_cl = prepare_module(loaded.module, dev, channels_last)
     options = {
@@ -259,13 +270,19 @@ def extract(
         "channels_last": use_cl,
         "chunk_rows": chunk_rows,
         "exif_transpose": exif_transpose,
+        "jpeg_draft": draft,
         "on_error": on_error,
         "seed": seed,
     }
 
     def job_spec(images_: ImageSet) -> dict[str, Any]:
-        spec_ = {"model": loaded.provenance, "layers": names, "images": images_.fingerprint(),
-                 "n_images": len(images_), **options}
+        spec_ = {
+            "model": loaded.provenance,
+            "layers": names,
+            "images": images_.fingerprint(),
+            "n_images": len(images_),
+            **options,
+        }
         spec_.pop("on_error")  # how failures are handled does not change what is stored
         # The device type matters (kernels differ); which GPU of several does not.
         spec_["device"] = dev.type
@@ -282,23 +299,36 @@ def extract(
         "decode": {
             "library": "PIL",
             "exif_transpose": exif_transpose,
+            "jpeg_draft": (
+                f"JPEGs decoded at reduced scale keeping both sides >= {draft} px (fast_decode)" if draft else None
+            ),
             "alpha_background": list(ALPHA_BACKGROUND),
             "gray_16bit": "scaled to 8 bits (value / 257, rounded)",
         },
     }
     tap = Extractor(loaded, names, flatten=flatten, reduce=reduce)
-    settings = (dev, use_cl, batch_size, workers, dtype, on_error, chunk_rows, exif_transpose, progress)
+    settings = (dev, use_cl, batch_size, workers, dtype, on_error, chunk_rows, exif_transpose, draft, progress)
     if part is None:
         return _extract_into(Path(out), imageset, job_spec(imageset), manifest, tap, settings, overwrite)
     index, count = part
     piece = imageset.shard(index, count, align=batch_size)
     shard_manifest = {
         **manifest,
-        "shard": {"index": index, "count": count, "offset": piece.selection["shard_offset"],
-                  "parent": str(Path(out).resolve()), "parent_spec": job_spec(imageset),
-                  "parent_images": {"root": imageset.root, "layout": imageset.layout, "n_total": len(imageset),
-                                    "classes": imageset.classes, "concepts": imageset.concepts,
-                                    "selection": imageset.selection}},
+        "shard": {
+            "index": index,
+            "count": count,
+            "offset": piece.selection["shard_offset"],
+            "parent": str(Path(out).resolve()),
+            "parent_spec": job_spec(imageset),
+            "parent_images": {
+                "root": imageset.root,
+                "layout": imageset.layout,
+                "n_total": len(imageset),
+                "classes": imageset.classes,
+                "concepts": imageset.concepts,
+                "selection": imageset.selection,
+            },
+        },
     }
     spec = {**job_spec(piece), "shard": [index, count]}
     run = _extract_into(shard_dir(out, index, count), piece, spec, shard_manifest, tap, settings, overwrite)
@@ -322,7 +352,7 @@ def _extract_into(
     overwrite: bool,
 ) -> Run:
     """Extract ``imageset`` into the run directory ``out`` (create, resume, or find it complete)."""
-    dev, use_cl, batch_size, workers, dtype, on_error, chunk_rows, exif_transpose, progress = settings
+    dev, use_cl, batch_size, workers, dtype, on_error, chunk_rows, exif_transpose, draft, progress = settings
     n = len(imageset)
     writer = RunWriter(out, spec, overwrite=overwrite)
     with writer:
@@ -334,13 +364,32 @@ def _extract_into(
         if start:
             log.info("resuming %s at image %d of %d", out, start, n)
         first = (start // batch_size) * batch_size  # same batches as the first attempt: same bytes
-        _run_batches(tap, imageset, writer, dev, use_cl, first, start, batch_size, workers, dtype, on_error,
-                     chunk_rows, exif_transpose, progress)
+        _run_batches(
+            tap,
+            imageset,
+            writer,
+            dev,
+            use_cl,
+            first,
+            start,
+            batch_size,
+            workers,
+            dtype,
+            on_error,
+            chunk_rows,
+            exif_transpose,
+            draft,
+            progress,
+        )
         skipped = writer.finish(n)
         if not writer.has_layers:
             raise LayertapError(f"none of the {n} images could be decoded (first error: {skipped[0][1]})")
-        writer.complete({"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                         "images": images_section(imageset, skipped)})
+        writer.complete(
+            {
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "images": images_section(imageset, skipped),
+            }
+        )
     if skipped:
         log.warning("%d of %d images could not be decoded and were skipped (listed in the manifest)", len(skipped), n)
     return Run(out)
@@ -385,6 +434,7 @@ def _run_batches(
     on_error: str,
     chunk_rows: int | None,
     exif_transpose: bool,
+    draft: int | None,
     progress: bool,
 ) -> None:
     from tqdm.auto import tqdm
@@ -398,6 +448,7 @@ def _run_batches(
         workers=workers,
         pin_memory=dev.type == "cuda",
         exif_transpose=exif_transpose,
+        draft=draft,
     )
     bar = tqdm(total=n, initial=start, unit="img", desc="extract", disable=None if progress else True, smoothing=0.1)
     with tap, bar:

@@ -117,3 +117,20 @@ def test_mixed_formats_extract(flat_dir: Path, tmp_path: Path) -> None:
     run = lt.extract("alexnet", flat_dir, ["features.2"], tmp_path / "r", weights="random", workers=0, batch_size=4)
     assert run["features.2"].shape[0] == 11 and not run.skipped
     assert np.isfinite(run["features.2"][:]).all()
+
+
+def test_fast_decode_is_opt_in_close_and_recorded(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.mkdir()
+    for i, name in enumerate(["astronaut", "coffee", "rocket"]):
+        Image.fromarray(photo(name, i, (1200, 900))).save(big / f"{name}.jpg", quality=90)
+    model = lt.load_model("resnet18", weights="random")
+    exact = lt.extract(model, big, ["avgpool"], tmp_path / "exact", workers=0)
+    fast = lt.extract(model, big, ["avgpool"], tmp_path / "fast", workers=0, fast_decode=True)
+    assert exact.manifest["decode"]["jpeg_draft"] is None
+    assert "256" in fast.manifest["decode"]["jpeg_draft"] and fast.manifest["spec"]["jpeg_draft"] == 256
+    # drafted 1200x900 -> 600x450 (both sides >= 256), then the same resize: close, not identical
+    assert load_rgb(str(big / "coffee.jpg"), draft=256).size == (600, 450)
+    a, b = exact["avgpool"][:], fast["avgpool"][:]
+    assert not np.array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02)
