@@ -159,6 +159,9 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--no-merge", action="store_true", help="do not merge the shards into OUT when the last one ends")
     o.add_argument("--no-channels-last", action="store_true", help="keep the default memory layout for conv nets")
     o.add_argument(
+        "--no-fold-bn", action="store_true", help="do not fold BatchNorm into the preceding convolution (see README)"
+    )
+    o.add_argument(
         "--no-exif-transpose", action="store_true", help="ignore EXIF orientation tags (default: apply them)"
     )
     o.add_argument(
@@ -421,6 +424,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
         chunk_rows=args.chunk_rows,
         exif_transpose=not args.no_exif_transpose,
         fast_decode=args.fast_decode,
+        fold_bn=not args.no_fold_bn,
         shard=args.shard,
         merge=not args.no_merge,
         progress=not args.quiet,

@@ -207,6 +207,7 @@ def extract(
     chunk_rows: int | None = None,
     exif_transpose: bool = True,
     fast_decode: bool = False,
+    fold_bn: bool = True,
     shard: str | tuple[int, int] | None = "auto",
     merge: bool = True,
     progress: bool = True,
@@ -228,6 +229,8 @@ def extract(
     ``fast_decode`` (opt-in, recorded) decodes large JPEGs at reduced scale (libjpeg DCT scaling)
     when the transform first resizes them anyway: 2x faster decoding of 1200x900 photos, but
     pixel values differ slightly from a full decode, so it is off by default.
+    ``fold_bn`` folds eval-mode BatchNorm into the convolution before it where no tapped output
+    changes (see :mod:`layertap.speed`): float32-rounding-level differences, ~25% faster ResNets.
 
     ``shard=(i, n)`` (or ``"i/n"``) extracts the i-th of n disjoint slices (cut at batch
     boundaries) into ``out/shards/``; ``"auto"`` (default) takes i and n from a Slurm job array
@@ -260,6 +263,17 @@ def extract(
         if draft is None:
             log.warning("fast_decode: cannot tell this model's resize size from its transform; decoding fully")
     dev = resolve_device(device)
+    folded = 0
+    if fold_bn:
+        from dataclasses import replace
+
+        from .speed import fold_batchnorm
+
+        # A tapped conv must keep its own (pre-BatchNorm) output; aliases name modules too.
+        protected = set(names) | {loaded.layer_aliases[n] for n in names if n in loaded.layer_aliases}
+        module, folded = fold_batchnorm(loaded.module, protected)
+        if folded:
+            loaded = replace(loaded, module=module)  # a folded copy: the caller's model is untouched
     use_cl = prepare_module(loaded.module, dev, channels_last)
     options = {
         "batch_size": batch_size,
@@ -268,6 +282,7 @@ def extract(
         "dtype": dtype,
         "device": str(dev),
         "channels_last": use_cl,
+        "folded_batchnorms": folded,
         "chunk_rows": chunk_rows,
         "exif_transpose": exif_transpose,
         "jpeg_draft": draft,

@@ -170,3 +170,31 @@ def test_same_command_is_deterministic(image_dir: Path, tmp_path: Path) -> None:
     a = lt.extract("resnet18", image_dir, ["layer2"], tmp_path / "a", weights="random", seed=7, workers=0)
     b = lt.extract("resnet18", image_dir, ["layer2"], tmp_path / "b", weights="random", seed=7, workers=2)
     assert a["layer2"][:].tobytes() == b["layer2"][:].tobytes()
+
+
+def test_batchnorm_folding_is_exact_safe_and_leaves_the_model_alone(image_dir: Path, tmp_path: Path) -> None:
+    from layertap.speed import fold_batchnorm, foldable_pairs
+
+    model = lt.load_model("resnet18", weights="random", seed=8)
+    # give the BatchNorms non-trivial statistics, as trained ones have
+    g = torch.Generator().manual_seed(0)
+    for m in model.module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    layers = ["layer1.0.conv1", "layer1.0.bn2", "layer3", "fc"]
+    run = lt.extract(model, image_dir, layers, tmp_path / "r", workers=0, batch_size=4)
+    assert run.manifest["options"]["folded_batchnorms"] == 19  # all 20 pairs but the tapped conv's
+    assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items()), "caller's model changed"
+    ref = reference_outputs(model.module, reference_batch([str(image_dir / p) for p in run.images], "resnet18"), layers)
+    for layer in layers:
+        np.testing.assert_allclose(run[layer][:], ref[layer][0].numpy(), **TOL, err_msg=layer)
+    pairs = dict(foldable_pairs(model.module, {"layer1.0.conv1"}))
+    assert "layer1.0.conv1" not in pairs and pairs["layer1.0.conv2"] == "layer1.0.bn2"
+    assert fold_batchnorm(lt.load_model("alexnet", weights="random").module, set())[1] == 0
+    nostats = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False))
+    assert foldable_pairs(nostats, set()) == []
+    unfolded = lt.extract(model, image_dir, layers, tmp_path / "u", workers=0, batch_size=4, fold_bn=False)
+    assert unfolded.manifest["options"]["folded_batchnorms"] == 0
