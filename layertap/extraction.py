@@ -42,8 +42,8 @@ class Extractor:
     ``layer#{k-1}``. ``reduce`` applies a reducer on the device (see :mod:`layertap.reducers`):
     one spec for all layers or ``{layer_or_pattern: spec}``. ``flatten=True`` then reshapes each
     output to (B, N).
-    ``stop_early=True`` ends the forward as soon as all requested outputs exist (the first call
-    runs the whole model once to learn how many times each layer runs). Hooks are removed on
+    ``stop_early=True`` ends the forward as soon as all requested outputs exist (before the first
+    batch, one image runs through the whole model to learn how many times each layer runs). Hooks are removed on
     exit, whatever happens.
     """
 
@@ -104,12 +104,9 @@ class Extractor:
         self._handles = []
         self._outputs = {}
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not self._handles:
-            with self:
-                return self(x)
+    def _forward(self, x: torch.Tensor, stop: bool) -> dict[str, list[torch.Tensor]]:
         self._outputs = {n: [] for n in self.layers}
-        self._remaining = sum(self.calls.values()) if (self.calls and self.stop_early) else None
+        self._remaining = sum(self.calls.values()) if (stop and self.calls) else None
         try:
             with torch.inference_mode():
                 self.module(x)
@@ -118,13 +115,22 @@ class Extractor:
         finally:
             self._remaining = None
         outputs, self._outputs = self._outputs, {n: [] for n in self.layers}
+        return outputs
+
+    def calibrate(self, x: torch.Tensor) -> dict[str, int]:
+        """Run ``x`` through the whole model once to learn how often each layer runs per forward."""
+        self.calibrate_from(self._forward(x, stop=False))
+        return self.calls  # type: ignore[return-value]
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self._handles:
+            with self:
+                return self(x)
+        if self.calls is None and self.stop_early and x.shape[0] > 1:
+            self.calibrate(x[:1])  # one image through the whole model, then the batch stops early
+        outputs = self._forward(x, stop=self.stop_early)
         if self.calls is None:
-            silent = [n for n, v in outputs.items() if not v]
-            if silent:
-                raise LayertapError(
-                    f"layer(s) {', '.join(silent)} never ran during the forward pass; tap modules that forward() uses"
-                )
-            self.calls = {n: len(v) for n, v in outputs.items()}
+            self.calibrate_from(outputs)
         result: dict[str, torch.Tensor] = {}
         for name, outs in outputs.items():
             if len(outs) == 1:
@@ -132,6 +138,14 @@ class Extractor:
             else:
                 result.update({f"{name}#{k}": t for k, t in enumerate(outs)})
         return result
+
+    def calibrate_from(self, outputs: dict[str, list[torch.Tensor]]) -> None:
+        silent = [n for n, v in outputs.items() if not v]
+        if silent:
+            raise LayertapError(
+                f"layer(s) {', '.join(silent)} never ran during the forward pass; tap modules that forward() uses"
+            )
+        self.calls = {n: len(v) for n, v in outputs.items()}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
