@@ -340,6 +340,6 @@ def iter_batches(
         num_workers=nw,
         collate_fn=_collate,
         pin_memory=pin_memory,
-        prefetch_factor=4 if nw > 0 else None,
+        prefetch_factor=2 if nw > 0 else None,  # decoding outpaces the model; more only costs memory
     )
     yield from loader
