@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analysis_commands(sub)
 
+    from .training.cli import add_train_commands
+
+    add_train_commands(sub)
+
     p = sub.add_parser(
         "process", help="post-process a finished run into a new run: center, l2-normalise, PCA, random projection"
     )

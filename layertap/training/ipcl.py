@@ -223,7 +223,9 @@ class IPCLCriterion(nn.Module):
             loss = nce_loss(sim, self.temperature, self.Z, self.n_data)
         if self.training:
             with torch.no_grad():
-                items = proto if self.store_prototype else from_layout(F.normalize(emb, dim=1), self.n_samples, self.layout)
+                items = (
+                    proto if self.store_prototype else from_layout(F.normalize(emb, dim=1), self.n_samples, self.layout)
+                )
                 self.push(_gather(items.detach()).reshape(-1, emb.shape[1]))
         return loss
 
@@ -232,7 +234,8 @@ class IPCLCriterion(nn.Module):
         """Put (M, D) items at the front of the queue (newest first), dropping the oldest."""
         k = self.queue.shape[0]
         items = items[:k].to(self.queue.dtype)
-        self.queue.copy_(torch.cat([items, self.queue[: k - items.shape[0]]]))
+        # A new tensor, not an in-place write: this batch's backward still needs the old queue.
+        self.queue = torch.cat([items, self.queue[: k - items.shape[0]]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +268,9 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise LayertapError(f"the backbone returns {type(out).__name__}; IPCL needs a tensor output")
 
 
-def build_model(arch: str = "alexnet_gn", out_dim: int = 128, size: int = 224, seed: int = 0, weights: str = "random") -> nn.Module:
+def build_model(
+    arch: str = "alexnet_gn", out_dim: int = 128, size: int = 224, seed: int = 0, weights: str = "random"
+) -> nn.Module:
     """The network to train: ``alexnet_gn`` (the IPCL AlexNet-GN) or any registry model + head.
 
     Registry models (``lt.load_model`` names: ``resnet18``, ``timm:...``, ``file.py:factory``)
@@ -469,7 +474,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
@@ -741,7 +748,11 @@ def train_ipcl(
         seconds = time.perf_counter() - t0
         step_losses.extend(losses)
         top1 = None
-        if val_set is not None and bank_set is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+        if (
+            val_set is not None
+            and bank_set is not None
+            and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs)
+        ):
             if rank == 0:
                 top1 = knn_eval(model, bank_set, val_set, knn_tf, dev, cfg.knn_k, cfg.temperature, workers=workers)
             if world > 1:
