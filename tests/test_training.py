@@ -300,17 +300,67 @@ def test_tensor_augment_matches_cpu_statistics() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def test_train_lowers_loss(data: dict[str, Path], tmp_path: Path) -> None:
-    cfg = _tiny(data, epochs=10, batch_size=8, queue_size=48, n_samples=5, lr=0.03, plot=True)
-    r = train_ipcl(data["train"], tmp_path / "run", val=data["val"], **cfg)
+def _texture_image(cls: int, rng: np.random.Generator, size: int = 48) -> Image.Image:
+    """Class = pattern (horizontal stripes, vertical stripes, checks, dots); colours, period, phase random.
+
+    Colour is a nuisance (random per image), so random weights, which mostly see colour, are
+    near chance; IPCL's colour jitter and grayscale teach colour invariance, leaving the pattern.
+    """
+    fg = rng.integers(0, 256, 3)
+    bg = rng.integers(0, 256, 3)
+    while np.abs(fg.astype(int) - bg).sum() < 150:
+        bg = rng.integers(0, 256, 3)
+    period = rng.uniform(6, 12)
+    px, py = rng.uniform(0, period, 2)
+    y, x = np.mgrid[0:size, 0:size].astype(float)
+    u, v = ((x + px) % period) < period / 2, ((y + py) % period) < period / 2
+    if cls == 0:
+        mask = v
+    elif cls == 1:
+        mask = u
+    elif cls == 2:
+        mask = u ^ v
+    else:
+        mask = np.hypot((x + px) % period - period / 2, (y + py) % period - period / 2) < period / 3.2
+    return Image.fromarray(np.where(mask[..., None], fg, bg).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("ipcl_textures")
+    out = {}
+    for split, per_class, seed in (("train", 12, 0), ("val", 6, 1)):
+        rng = np.random.default_rng(seed)
+        for c in range(4):
+            (base / split / f"class{c}").mkdir(parents=True)
+            for i in range(per_class):
+                _texture_image(c, rng).save(base / split / f"class{c}" / f"{i:03d}.png")
+        out[split] = base / split
+    return out
+
+
+def test_train_learns(data: dict[str, Path], textures: dict[str, Path], tmp_path: Path) -> None:
+    from layertap.training.augment import eval_transform
+    from layertap.training.ipcl import build_model
+    from layertap.training.knn import knn_eval
+
+    # Small-data settings: the queue (48) holds only the previous step's samples (40), never the
+    # current images; no SGD momentum. With momentum 0.9 this tiny net collapses: the queue's
+    # negatives are one step stale, and momentum lets the whole (collapsed) embedding cloud
+    # keep drifting away from them, which lowers the loss without telling instances apart.
+    cfg = _tiny(data, loss="softmax", epochs=20, batch_size=8, queue_size=48, n_samples=5, lr=0.01, momentum=0.0)
+    init = build_model(cfg["arch"], cfg["out_dim"], cfg["size"], seed=0)
+    train_set, val_set = lt.ImageSet.from_path(textures["train"]), lt.ImageSet.from_path(textures["val"])
+    knn_init = knn_eval(init, train_set, val_set, eval_transform(32), torch.device("cpu"), k=20)
+    r = train_ipcl(textures["train"], tmp_path / "run", val=textures["val"], device="cpu", **{**cfg, "plot": True})
     losses = [h["train_loss"] for h in r.history]
-    # Epoch 1 starts against a random queue (a low loss); once the queue holds real embeddings
-    # the NCE loss peaks and then falls as training separates the instances.
-    assert losses[-1] < 0.8 * max(losses[1:]), losses
-    assert r.history[-1]["knn_top1"] >= 40, r.history  # chance is 25%
+    knn = r.history[-1]["knn_top1"]
+    # Uninformative (identical or random) embeddings give log(1 + K) = log(49) = 3.89.
+    assert losses[-1] < 0.75 * math.log(49) and losses[-1] < 0.8 * losses[0], losses
+    assert knn >= knn_init + 15 and knn >= 50, (knn_init, r.history)  # chance is 25%
     assert (tmp_path / "run" / "training.png").stat().st_size > 1000
     log = json.loads((tmp_path / "run" / "log.json").read_text())
-    assert len(log["history"]) == 10 and (tmp_path / "run" / "log.csv").is_file()
+    assert len(log["history"]) == 20 and (tmp_path / "run" / "log.csv").is_file()
 
 
 def test_resume_is_bit_for_bit(data: dict[str, Path], tmp_path: Path) -> None:
@@ -339,7 +389,7 @@ def test_tensor_path_trains_contiguous_softmax(data: dict[str, Path], tmp_path: 
     )
     losses = [h["train_loss"] for h in r.history]
     # A smoke test of the tensor path, the contiguous layout, softmax and accumulation (3 epochs is
-    # too short for the loss to fall once the queue fills: see test_train_lowers_loss).
+    # too short to show learning: see test_train_learns).
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses
     assert len(r.step_losses) == 9
 

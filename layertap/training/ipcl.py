@@ -16,6 +16,14 @@ The objective, as in open_ipcl's ``ipcl/ipcl0.py`` with lemniscate's NCE:
 Sample layouts of the (B*N, ...) batch: ``"contiguous"`` = [img0_aug0 .. img0_augN-1, img1_aug0,
 ...] and ``"interleaved"`` = [aug0 of all images, aug1 of all images, ...] (the original loader's
 order, the default).
+
+Small data: the defaults are the ImageNet settings (1.28M images, queue 4096, SGD momentum 0.9).
+The negatives are stale embeddings (earlier steps' encoder), so a small network can lower the
+loss by collapsing all embeddings together and letting the collapsed cloud drift away from the
+queue every step, which momentum sustains; with a tiny backbone this ends with every embedding
+identical (softmax loss log(1 + K)). For small tests use a queue below one pass over the data
+(``queue_size < (images - batch_size) * n_samples``, or the queue holds the trained images' own
+earlier embeddings; :func:`train_ipcl` warns) and ``momentum=0`` (or a higher ``temperature``).
 """
 
 from __future__ import annotations
@@ -651,6 +659,15 @@ def train_ipcl(
         raise LayertapError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     if cfg.batch_size > len(imageset):
         raise LayertapError(f"--batch-size {cfg.batch_size} exceeds the {len(imageset)} training images")
+    if cfg.queue_size >= (len(imageset) - cfg.batch_size) * cfg.n_samples:
+        log.warning(
+            "--queue-size %d holds as many samples as the %d images give in a pass (x %d samples): "
+            "the queue's negatives include earlier embeddings of the very images being trained on; "
+            "use a queue well below (images - batch size) x n_samples",
+            cfg.queue_size,
+            len(imageset),
+            cfg.n_samples,
+        )
     val_set = val if isinstance(val, ImageSet) or val is None else ImageSet.from_path(val)
     bank_set = knn_train if isinstance(knn_train, ImageSet) or knn_train is None else ImageSet.from_path(knn_train)
     if val_set is not None:
