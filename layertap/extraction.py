@@ -83,7 +83,8 @@ class Extractor:
             t = reducer(t, prefix)
             if self.flatten:
                 t = t.reshape(t.shape[0], -1)
-            if t.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
+            last = self._remaining == 1  # the forward stops right here: nothing can overwrite t
+            if not last and t.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
                 t = t.clone()  # a view would change under a later in-place op
             self._outputs[name].append(t)
             if self._remaining is not None:

@@ -86,12 +86,25 @@ def package_available(package: str) -> bool:
         return False
 
 
+def weights_unavailable(what: str, err: BaseException, where: str) -> LayertapError:
+    """The one error for published weights that cannot be had (network, hub, cache or hash failure).
+
+    ``where`` says how to get them (e.g. where to put the file). Never followed by random weights.
+    """
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return LayertapError(
+        f"cannot load {what} ({reason}); {where}; use weights='random' only if you want an untrained model",
+        exit_code=1,
+    )
+
+
 class Source(ABC):
     """A family of models that :func:`load_model` can build by name."""
 
     name: str = ""
     description: str = ""
-    #: pip extra that provides the source's package, for the install hint (None: always there)
+    #: the optional package the source needs (None: always there) and the pip extra providing it
+    package: str | None = None
     extra: str | None = None
 
     @abstractmethod
@@ -104,7 +117,7 @@ class Source(ABC):
 
     def available(self) -> bool:
         """Whether the source's package is installed (sources without one always are)."""
-        return True
+        return self.package is None or package_available(self.package)
 
     def has_model(self, name: str) -> bool:
         return name in self.list_models()
@@ -139,7 +152,7 @@ def list_models(source: str | None = None) -> list[str]:
     if source is not None and source not in srcs:
         raise LayertapError(f"unknown model source '{source}'{close_matches(source, list(srcs))}")
     if source is not None and not srcs[source].available():
-        require(source, srcs[source].extra or source)  # raises the install hint
+        require(srcs[source].package or source, srcs[source].extra or source)  # raises the install hint
     chosen = [srcs[source]] if source else [s for s in srcs.values() if s.available()]
     return [f"{s.name}:{m}" for s in chosen for m in s.list_models()]
 

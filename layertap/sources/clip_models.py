@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LayertapError
-from ..models import LoadedModel, Source, finish_loading, package_available, register_source, require, seeded_build
+from ..models import (
+    LoadedModel,
+    Source,
+    finish_loading,
+    register_source,
+    require,
+    seeded_build,
+    weights_unavailable,
+)
 
 
 def pretrained_tag(open_clip: Any, name: str, weights: str) -> str:
@@ -32,10 +40,8 @@ def pretrained_tag(open_clip: Any, name: str, weights: str) -> str:
 class ClipSource(Source):
     name = "clip"
     description = "CLIP image and text encoders (open_clip; OpenAI's weights for RN50, ViT-B-32, ...)"
+    package = "open_clip"
     extra = "clip"
-
-    def available(self) -> bool:
-        return package_available("open_clip")
 
     def list_models(self) -> list[str]:
         return list(require("open_clip", "clip").list_models())
@@ -55,11 +61,10 @@ class ClipSource(Source):
             try:
                 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, **options)
             except Exception as err:  # noqa: BLE001 - network and cache errors all mean "not available"
-                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-                raise LayertapError(
-                    f"cannot load CLIP weights {name}/{tag} ({reason}); connect to the internet once (open_clip "
-                    "caches them) or pass a weights file; use weights='random' only for an untrained model",
-                    exit_code=1,
+                raise weights_unavailable(
+                    f"CLIP weights {name}/{tag}",
+                    err,
+                    "connect to the internet once (open_clip caches them) or pass a weights file",
                 ) from None
             weights_id = f"{name}/{tag}"
         visual = model.visual

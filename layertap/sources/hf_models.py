@@ -25,10 +25,10 @@ from ..models import (
     Source,
     finish_loading,
     imagenet_transform,
-    package_available,
     register_source,
     require,
     seeded_build,
+    weights_unavailable,
 )
 
 KNOWN = [
@@ -90,10 +90,8 @@ def hidden_state_aliases(module: nn.Module) -> dict[str, str]:
 class HFSource(Source):
     name = "hf"
     description = "Hugging Face transformers vision backbones by hub id (ViT, DINOv2, ConvNeXt, Swin, ...)"
+    package = "transformers"
     extra = "hf"
-
-    def available(self) -> bool:
-        return package_available("transformers")
 
     def list_models(self) -> list[str]:
         return list(KNOWN)
@@ -131,11 +129,10 @@ class HFSource(Source):
         except LayertapError:
             raise
         except Exception as err:  # noqa: BLE001 - hub, network and cache errors all mean "not available"
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise LayertapError(
-                f"cannot load Hugging Face model {name} ({reason}); connect to the internet once (it is cached) or "
-                "use a bare model type such as hf:vit with weights='random'",
-                exit_code=1,
+            raise weights_unavailable(
+                f"Hugging Face model {name}",
+                err,
+                "connect to the internet once (it is cached), or use a bare model type such as hf:vit",
             ) from None
         size = getattr(module.config, "image_size", 224)
         size = int(size[0] if isinstance(size, (list, tuple)) else size)

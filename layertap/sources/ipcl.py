@@ -29,6 +29,7 @@ from ..models import (
     read_state_dict,
     register_source,
     seeded_build,
+    weights_unavailable,
 )
 
 URL_ROOT = "https://visionlab-pretrainedmodels.s3.amazonaws.com/project_instancenet"
@@ -307,11 +308,10 @@ def _download(url: str, name: str) -> dict[str, torch.Tensor]:
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(cache), progress=True)
     except Exception as err:  # noqa: BLE001 - network and disk errors all mean "not available"
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise LayertapError(
-            f"cannot load pretrained weights for {name} ({reason}); connect to the internet once, or put {url} at "
-            f"{cache}, or pass the checkpoint file as weights; use weights='random' only for an untrained model",
-            exit_code=1,
+        raise weights_unavailable(
+            f"pretrained weights for {name}",
+            err,
+            f"connect to the internet once, or put {url} at {cache}, or pass the checkpoint file as weights",
         ) from None
     return read_state_dict(cache)
 

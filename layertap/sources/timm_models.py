@@ -9,17 +9,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import LayertapError
-from ..models import LoadedModel, Source, finish_loading, package_available, register_source, require, seeded_build
+from ..models import (
+    LoadedModel,
+    Source,
+    finish_loading,
+    register_source,
+    require,
+    seeded_build,
+    weights_unavailable,
+)
 
 
 class TimmSource(Source):
     name = "timm"
     description = "timm (PyTorch Image Models): every timm.create_model name, timm's preprocessing"
+    package = "timm"
     extra = "timm"
-
-    def available(self) -> bool:
-        return package_available("timm")
 
     def list_models(self) -> list[str]:
         return list(require("timm", "timm").list_models())
@@ -40,12 +45,10 @@ class TimmSource(Source):
             try:
                 module = timm.create_model(full, pretrained=True, **options)
             except Exception as err:  # noqa: BLE001 - hub, network and cache errors all mean "not available"
-                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-                raise LayertapError(
-                    f"cannot load pretrained timm weights for {full} ({reason}); connect to the internet once "
-                    "(they are cached by huggingface_hub) or pass a weights file; use weights='random' only for "
-                    "an untrained model",
-                    exit_code=1,
+                raise weights_unavailable(
+                    f"pretrained timm weights for {full}",
+                    err,
+                    "connect to the internet once (they are cached by huggingface_hub) or pass a weights file",
                 ) from None
             cfg = getattr(module, "pretrained_cfg", {}) or {}
             weights_id = f"{arch}.{cfg.get('tag')}" if cfg.get("tag") else full

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import LayertapError, close_matches
-from ..models import LoadedModel, Source, finish_loading, register_source, seeded_build
+from ..models import LoadedModel, Source, finish_loading, register_source, seeded_build, weights_unavailable
 
 
 @cache
@@ -66,12 +66,10 @@ class TorchvisionSource(Source):
                 module = tvm.get_model(name, weights=chosen)
             except Exception as err:  # noqa: BLE001 - network, hash and disk errors all mean "not available"
                 cache_file = Path(torch.hub.get_dir()) / "checkpoints" / Path(chosen.url).name
-                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-                raise LayertapError(
-                    f"cannot load pretrained weights {weights_id} for {name} ({reason}); connect to the internet "
-                    f"once, or put {chosen.url} at {cache_file}, or pass a weights file; "
-                    "use weights='random' only if you want an untrained model",
-                    exit_code=1,
+                raise weights_unavailable(
+                    f"pretrained weights {weights_id} for {name}",
+                    err,
+                    f"connect to the internet once, or put {chosen.url} at {cache_file}, or pass a weights file",
                 ) from None
         transform = chosen.transforms()
         crop = int(transform.crop_size[0])
