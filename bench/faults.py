@@ -53,18 +53,20 @@ def photos(folder: Path, n: int, size: tuple[int, int] = (160, 120)) -> Path:
     return folder
 
 
+def extract_args(*args: str) -> list[str]:
+    """``layertap extract`` arguments with random weights (the faults do not depend on weights)."""
+    return ["extract", "--weights", "random", *args]
+
+
 def last_line(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1][:150] if lines else ""
 
 
 def kills(tmp: Path, images: Path, n_kills: int) -> None:
-    args = [
-        "extract",
+    args = extract_args(
         "--model",
         "resnet18",
-        "--weights",
-        "random",
         "--layers",
         "layer2",
         "avgpool",
@@ -77,7 +79,7 @@ def kills(tmp: Path, images: Path, n_kills: int) -> None:
         "--workers",
         "1",
         "-q",
-    ]
+    )
     ref, out = tmp / "kill-ref", tmp / "kill-run"
     cli(*args, "--out", str(ref), check=True)
     rng = random.Random(1)
@@ -121,12 +123,9 @@ def disk_full(tmp: Path, images: Path) -> None:
         report("disk full", "skipped: mounting a tmpfs needs root", True)
         return
     try:
-        args = [
-            "extract",
+        args = extract_args(
             "--model",
             "resnet18",
-            "--weights",
-            "random",
             "--layers",
             "layer1",
             "--images",
@@ -140,7 +139,7 @@ def disk_full(tmp: Path, images: Path) -> None:
             "-q",
             "--out",
             str(mnt / "r"),
-        ]
+        )
         full = cli(*args)
         ok = full.returncode == 1 and "disk full" in full.stderr and "Traceback" not in full.stderr
         report("disk full (4 MB tmpfs)", f"exit {full.returncode}: {last_line(full.stderr)}", ok)
@@ -156,14 +155,14 @@ def disk_full(tmp: Path, images: Path) -> None:
 
 
 def two_writers(tmp: Path, images: Path) -> None:
-    args = [
-        "extract",
+    # resnet50 in batches of 2: slow enough that the second writer starts while the first still runs
+    args = extract_args(
         "--model",
-        "resnet18",
-        "--weights",
-        "random",
+        "resnet50",
         "--layers",
         "avgpool",
+        "--batch-size",
+        "2",
         "--images",
         str(images),
         "--workers",
@@ -171,7 +170,7 @@ def two_writers(tmp: Path, images: Path) -> None:
         "-q",
         "--out",
         str(tmp / "shared"),
-    ]
+    )
     first = subprocess.Popen([sys.executable, "-m", "layertap", *args], stderr=subprocess.PIPE, text=True)
     while not (tmp / "shared" / "manifest.json").exists() and first.poll() is None:
         time.sleep(0.05)
@@ -226,19 +225,7 @@ def bad_images(tmp: Path) -> None:
         report(f"image {p!r}", outcome, (p in corpus) == (p in skipped))
     empty = tmp / "empty"
     empty.mkdir()
-    r = cli(
-        "extract",
-        "--model",
-        "alexnet",
-        "--weights",
-        "random",
-        "--layers",
-        "fc",
-        "--images",
-        str(empty),
-        "--out",
-        str(tmp / "e"),
-    )
+    r = cli(*extract_args("--model", "alexnet", "--layers", "fc", "--images", str(empty), "--out", str(tmp / "e")))
     report("empty folder", f"exit {r.returncode}: {last_line(r.stderr)}", r.returncode == 2)
 
 
@@ -267,31 +254,15 @@ def bad_setup(tmp: Path, images: Path) -> None:
         r.returncode == 2 and "missing keys" in r.stderr,
     )
     r = cli(
-        "extract",
-        "--model",
-        "resnet18",
-        "--weights",
-        "random",
-        "--layers",
-        "avgpool",
-        "--images",
-        str(tmp / "nope"),
-        "--out",
-        str(tmp / "x"),
+        *extract_args(
+            "--model", "resnet18", "--layers", "avgpool", "--images", str(tmp / "nope"), "--out", str(tmp / "x")
+        )
     )
     report("missing input folder", f"exit {r.returncode}: {last_line(r.stderr)}", r.returncode == 2)
     r = cli(
-        "extract",
-        "--model",
-        "resnet18",
-        "--weights",
-        "random",
-        "--layers",
-        "avgpool",
-        "--images",
-        str(images),
-        "--out",
-        "/sys/layertap-out",
+        *extract_args(
+            "--model", "resnet18", "--layers", "avgpool", "--images", str(images), "--out", "/sys/layertap-out"
+        )
     )
     report(
         "read-only output location",

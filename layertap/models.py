@@ -119,6 +119,11 @@ class Source(ABC):
         """Whether the source's package is installed (sources without one always are)."""
         return self.package is None or package_available(self.package)
 
+    def lib(self) -> Any:
+        """The source's package, imported now (or the one-line install hint)."""
+        assert self.package is not None
+        return require(self.package, self.extra or self.package)
+
     def has_model(self, name: str) -> bool:
         return name in self.list_models()
 

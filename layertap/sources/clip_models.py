@@ -18,7 +18,6 @@ from ..models import (
     Source,
     finish_loading,
     register_source,
-    require,
     seeded_build,
     weights_unavailable,
 )
@@ -44,13 +43,13 @@ class ClipSource(Source):
     extra = "clip"
 
     def list_models(self) -> list[str]:
-        return list(require("open_clip", "clip").list_models())
+        return list(self.lib().list_models())
 
     def has_model(self, name: str) -> bool:
         return name in self.list_models()
 
     def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
-        open_clip = require("open_clip", "clip")
+        open_clip = self.lib()
         if isinstance(weights, Path) or weights == "random":
             model, _, preprocess = seeded_build(
                 lambda: open_clip.create_model_and_transforms(name, pretrained=None, **options), seed

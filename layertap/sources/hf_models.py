@@ -26,7 +26,6 @@ from ..models import (
     finish_loading,
     imagenet_transform,
     register_source,
-    require,
     seeded_build,
     weights_unavailable,
 )
@@ -99,10 +98,10 @@ class HFSource(Source):
     def has_model(self, name: str) -> bool:
         if name.count("/") == 1 or os.path.isdir(name):
             return True
-        return name in require("transformers", "hf").CONFIG_MAPPING
+        return name in self.lib().CONFIG_MAPPING
 
     def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
-        transformers = require("transformers", "hf")
+        transformers = self.lib()
         overrides = options.pop("config", None) or {}
         if options:
             raise LayertapError(f"Hugging Face models take only config={{...}} (got {', '.join(options)})")

@@ -14,7 +14,6 @@ from ..models import (
     Source,
     finish_loading,
     register_source,
-    require,
     seeded_build,
     weights_unavailable,
 )
@@ -27,14 +26,14 @@ class TimmSource(Source):
     extra = "timm"
 
     def list_models(self) -> list[str]:
-        return list(require("timm", "timm").list_models())
+        return list(self.lib().list_models())
 
     def has_model(self, name: str) -> bool:
-        timm = require("timm", "timm")
+        timm = self.lib()
         return bool(timm.is_model(name.split(".", 1)[0]))
 
     def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
-        timm = require("timm", "timm")
+        timm = self.lib()
         arch = name.split(".", 1)[0]
         if isinstance(weights, Path) or weights == "random":
             module = seeded_build(lambda: timm.create_model(name, pretrained=False, **options), seed)
