@@ -121,9 +121,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
             args.run, args.run2, args.layers, args.layers2, method=args.method, metric=args.metric
         )
         width = max(len(r) for r in rows)
-        print(" " * width + "  " + "  ".join(f"{c:>10.10}" for c in cols))
+        cw = max(10, *(len(c) for c in cols))  # full labels: features.1 and features.12 must differ
+        print(" " * width + "  " + "  ".join(f"{c:>{cw}}" for c in cols))
         for r, line in zip(rows, matrix, strict=True):
-            print(f"{r:<{width}}  " + "  ".join(f"{v:>10.4f}" for v in line))
+            print(f"{r:<{width}}  " + "  ".join(f"{v:>{cw}.4f}" for v in line))
         if args.out:
             _write_csv(
                 Path(args.out),

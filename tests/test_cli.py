@@ -286,6 +286,7 @@ def test_postprocess_analysis_and_formats_from_the_command_line(layertap_cli, im
     assert (tmp_path / "rdm.png").stat().st_size > 1000
     proc = layertap_cli("compare", str(out), "--method", "cka-linear", "--out", str(tmp_path / "cmp.csv"), check=True)
     assert (tmp_path / "cmp.csv").read_text().count("\n") >= 3, proc.stdout
+    assert proc.stdout.splitlines()[0].split() == ["features.5", "features.12", "classifier.4"]  # full labels
 
 
 def test_random_projection_on_the_fly_matches_offline(image_dir: Path, tmp_path: Path) -> None:
