@@ -170,6 +170,18 @@ class PILImages:
             return self.transform(img.convert("RGB"))
 
 
+def pil_loader(paths: list[str], spec: dict):  # noqa: ANN201
+    """The hand-written pipelines' DataLoader: PIL decode + the job's transform, the job's batch and workers."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        PILImages(paths, make_transform(spec["arch"])),
+        batch_size=spec["batch_size"],
+        shuffle=False,
+        num_workers=spec["workers"],
+    )
+
+
 def peak_rss_mb() -> dict[str, float]:
     """Peak RSS in MB of this process, and peak RSS / private memory of its largest child (worker)."""
     scale = 1024 if sys.platform != "darwin" else 1  # ru_maxrss: KiB on Linux, bytes on macOS

@@ -83,12 +83,13 @@ def resolve_layers(module: nn.Module | LoadedModel, layers: str | list[str]) -> 
         raise LayertapError("no layers given; name one or more, e.g. --layers avgpool (see 'layertap layers MODEL')")
     names = module_names(module)
     known = set(names)
+    raw = module.module if isinstance(module, LoadedModel) else module
+    plain = [n for n, _ in raw.named_modules() if n]  # what patterns match: real modules, not aliases or output
     out: list[str] = []
     for want in wanted:
         if is_pattern(want):
             rx = _glob_regex(want)
-            plain = module_names(module.module if isinstance(module, LoadedModel) else module)
-            hits = [n for n in plain if n != OUTPUT and rx.match(n)]
+            hits = [n for n in plain if rx.match(n)]
             if not hits:
                 raise LayertapError(
                     f"layer pattern '{want}' matches no module{close_matches(want.replace('*', ''), names)}; "

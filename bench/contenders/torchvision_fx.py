@@ -16,12 +16,7 @@ import torch  # noqa: E402
 
 
 def run(extractor, paths, spec, out: Path, cl: bool) -> None:  # noqa: ANN001
-    loader = torch.utils.data.DataLoader(
-        common.PILImages(paths, common.make_transform(spec["arch"])),
-        batch_size=spec["batch_size"],
-        shuffle=False,
-        num_workers=spec["workers"],
-    )
+    loader = common.pil_loader(paths, spec)
     for name in spec["layers"]:
         (out / name).mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():

@@ -45,9 +45,6 @@ class ClipSource(Source):
     def list_models(self) -> list[str]:
         return list(self.lib().list_models())
 
-    def has_model(self, name: str) -> bool:
-        return name in self.list_models()
-
     def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
         open_clip = self.lib()
         if isinstance(weights, Path) or weights == "random":
