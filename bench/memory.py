@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="100, 200, 300 images")
     p.add_argument("--counts", help="comma-separated image counts (default 1000,2000,3000)")
     p.add_argument("--size", default="320x240", help="JPEG size (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="default %(default)s, as bench/run.py")
     p.add_argument("--workers", type=int, help="DataLoader workers (default: layertap's default)")
     p.add_argument("--threads", type=int)
     p.add_argument("--limit-mb", type=float, default=1500, help="target: main + worker peak RSS below this")

@@ -170,6 +170,12 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         help="decode large JPEGs at reduced scale when the transform shrinks them anyway (about 2x faster decoding; "
         "pixels differ slightly from a full decode, so off by default; recorded in the manifest)",
     )
+    o.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the tapped part of the model through torch.compile: faster for large jobs (e.g. +25%% for a ViT "
+        "on a CPU) after a one-off compile of ~20 s; equal to the eager forward to float32 rounding",
+    )
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info messages")
     p.set_defaults(func=cmd_extract)
 
@@ -429,6 +435,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
         exif_transpose=not args.no_exif_transpose,
         fast_decode=args.fast_decode,
         fold_bn=not args.no_fold_bn,
+        compile=args.compile,
         shard=args.shard,
         merge=not args.no_merge,
         progress=not args.quiet,

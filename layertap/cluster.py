@@ -141,7 +141,7 @@ def write_slurm_scripts(
         "#!/bin/bash",
         "# Submit the extraction array, then the merge job that waits for every task to succeed.",
         "set -euo pipefail",
-        f'cd {shlex.quote(str(dest))}',
+        f"cd {shlex.quote(str(dest))}",
         "array=$(sbatch --parsable extract.sbatch)",
         "array=${array%%;*}",
         'merge=$(sbatch --parsable --dependency=afterok:"$array" merge.sbatch)',

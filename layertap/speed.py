@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 
+import torch.fx
 from torch import nn
 
 log = logging.getLogger("layertap")
@@ -24,8 +25,6 @@ log = logging.getLogger("layertap")
 
 def foldable_pairs(module: nn.Module, protected: set[str]) -> list[tuple[str, str]]:
     """(conv name, bn name) pairs that can be folded without changing any tapped output."""
-    import torch.fx
-
     try:
         graph = torch.fx.symbolic_trace(module).graph
     except Exception:  # noqa: BLE001 - dynamic control flow etc.: no folding, never a failure
@@ -74,3 +73,64 @@ def fold_batchnorm(module: nn.Module, protected: set[str]) -> tuple[nn.Module, i
         _set(folded, conv_name, fuse_conv_bn_eval(conv, bn))
         _set(folded, bn_name, nn.Identity())
     return folded.eval(), len(pairs)
+
+
+# --- compiled taps -------------------------------------------------------------------------------
+
+
+class _TapTracer(torch.fx.Tracer):
+    """A torch.fx tracer that keeps the tapped modules whole (one node per call)."""
+
+    def __init__(self, keep: set[str]) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.keep or super().is_leaf_module(m, qualname)
+
+
+def tap_graph(module: nn.Module, targets: list[str]) -> tuple[nn.Module, list[tuple[int, int]]]:
+    """A ``torch.fx.GraphModule`` that computes only what ``targets`` need and returns their outputs.
+
+    ``targets``: module paths (``""`` is the model's own output). Returns the graph module and,
+    per returned output, (position in ``targets``, call index): a module called k times gives k
+    outputs in call order. Everything after the last tapped call is cut off (the early stop of the hook path),
+    and an output that a later operation reads is cloned inside the graph, so an in-place op
+    (``ReLU(inplace=True)``, ``out += identity``) cannot change it. Raises ``ValueError`` when a
+    target cannot be a node of its own (it contains another target) and whatever ``torch.fx``
+    raises for models it cannot trace.
+    """
+    inner = [t for t in targets if t]
+    for a in inner:
+        for b in inner:
+            if a != b and b.startswith(a + "."):
+                raise ValueError(f"'{a}' contains '{b}'")
+    tracer = _TapTracer(set(inner))
+    graph = tracer.trace(module)
+    nodes = list(graph.nodes)
+    out_node = next(n for n in nodes if n.op == "output")
+    picked: list[tuple[torch.fx.Node, int, int]] = []
+    for pos, target in enumerate(targets):
+        if not target:
+            picked.append((out_node.args[0], pos, 0))
+            continue
+        calls = [n for n in nodes if n.op == "call_module" and n.target == target]
+        if not calls:
+            raise ValueError(f"'{target}' never runs in the traced forward")
+        picked += [(n, pos, k) for k, n in enumerate(calls)]
+    if any(not isinstance(n, torch.fx.Node) for n, _, _ in picked):
+        raise ValueError("the model's output is not a single traced value")
+    order = {n: i for i, n in enumerate(nodes)}
+    last = max(order[n] for n, _, _ in picked)
+    graph.erase_node(out_node)
+    for n in reversed(nodes[last + 1 : order[out_node]]):  # the early stop: nothing after the last tap
+        graph.erase_node(n)
+    outputs = []
+    for n, _, _ in picked:
+        if n.users:  # read again later in the graph, maybe in place: keep this output's own copy
+            with graph.inserting_after(n):
+                n = graph.call_method("clone", (n,))
+        outputs.append(n)
+    graph.output(tuple(outputs))
+    graph.lint()
+    return torch.fx.GraphModule(tracer.root, graph), [(pos, k) for _, pos, k in picked]

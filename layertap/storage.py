@@ -19,8 +19,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from .errors import LayertapError
+
+log = logging.getLogger("layertap")
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -81,6 +85,17 @@ def _zarr_open(path: Path, mode: str = "r") -> Any:
     import zarr
 
     return zarr.open_array(str(path), mode=mode)
+
+
+def _copy_rows(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src``; through torch for float arrays, whose copy is multi-threaded and fast
+    for the transposing copy out of channels_last feature maps."""
+    if src.dtype in (np.float32, np.float16) and src.dtype == dst.dtype and dst.size > 65536:
+        import torch
+
+        torch.from_numpy(dst).copy_(torch.from_numpy(src))
+    else:
+        dst[...] = src
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -255,6 +270,10 @@ class RunWriter:
         self._buffers: dict[str, np.ndarray] = {}
         self._row_images: list[int] = []
         self._pending_skips: list[tuple[int, str]] = []
+        self._pool: Any = None  # the background chunk writer (one thread), started by the first full chunk
+        self._inflight: deque[Any] = deque()  # Futures of the chunks being written, in order
+        self._spares: list[dict[str, np.ndarray]] = []  # written chunk buffers, for reuse
+        self._batch_rows = 0  # the most rows one add() brought: that many may wait to be written
         self.chunk_rows: int = int(self.manifest.get("storage", {}).get("chunk_rows", 0))
         if self.manifest.get("layers"):
             self._open_arrays()
@@ -323,40 +342,71 @@ class RunWriter:
 
     # -- writing --------------------------------------------------------------------------------
     def add(self, features: dict[str, np.ndarray], image_indices: list[int]) -> None:
-        """Append rows (one per image in ``image_indices``); commits every full chunk."""
+        """Append rows (one per image in ``image_indices``); commits every full chunk.
+
+        Full chunks are written, in order, by a background thread while the caller computes the
+        next batch (the model releases the GIL); at most one call's worth of rows (rounded up to
+        whole chunks) waits to be written, and an error in writing (e.g. a full disk) is raised
+        by the next call."""
         n = len(image_indices)
+        self._batch_rows = max(self._batch_rows, n)
         done = 0
         while done < n:
             fill = len(self._row_images)
             take = min(n - done, self.chunk_rows - fill)
             for name, buf in self._buffers.items():
-                buf[fill : fill + take] = features[name][done : done + take]
+                _copy_rows(buf[fill : fill + take], features[name][done : done + take])
             self._row_images.extend(image_indices[done : done + take])
             done += take
             if len(self._row_images) == self.chunk_rows:
-                self._flush()
+                self._flush(background=True)
 
     def skip(self, image_index: int, reason: str) -> None:
         self._pending_skips.append((image_index, reason))
 
-    def _flush(self) -> None:
-        n = len(self._row_images)
+    def _wait(self, keep: int = 0) -> None:
+        """Wait until at most ``keep`` chunks are in flight, re-raising a write error."""
+        while len(self._inflight) > keep:
+            self._spares.append(self._inflight.popleft().result())
+
+    def _flush(self, background: bool = False) -> None:
+        rows = self._row_images
+        next_image = rows[-1] + 1 if rows else self.resume_image
+        skips = [s for s in self._pending_skips if s[0] < next_image]
+        self._pending_skips = [s for s in self._pending_skips if s[0] >= next_image]
+        buffers = self._buffers
+        self._row_images = []
+        if not background:
+            self._wait()
+            self._commit(buffers, len(rows), next_image, skips)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="layertap-writer")
+        # Up to one batch of rows in flight, so writing overlaps the next forward pass.
+        self._wait(keep=max(0, -(-self._batch_rows // self.chunk_rows) - 1))
+        self._buffers = self._spares.pop() if self._spares else {k: np.empty_like(v) for k, v in buffers.items()}
+        self._inflight.append(self._pool.submit(self._commit, buffers, len(rows), next_image, skips))
+
+    def _commit(
+        self, buffers: dict[str, np.ndarray], n: int, next_image: int, skips: list[tuple[int, str]]
+    ) -> dict[str, np.ndarray]:
+        """Write ``n`` rows to every array, then move the cursor (a kill in between loses only
+        this chunk: a resumed run rewrites it). Returns the buffers for reuse."""
         r0 = int(self.progress["rows"])
         try:
             for name, arr in self.arrays.items():
-                arr[r0 : r0 + n] = self._buffers[name][:n]
-            next_image = self._row_images[-1] + 1 if n else self.resume_image
-            done_skips = [s for s in self._pending_skips if s[0] < next_image]
-            self._pending_skips = [s for s in self._pending_skips if s[0] >= next_image]
+                arr[r0 : r0 + n] = buffers[name][:n]
             self.progress = {
                 "rows": r0 + n,
                 "next_image": next_image,
-                "skipped": self.progress["skipped"] + [[i, r] for i, r in done_skips],
+                "skipped": self.progress["skipped"] + [[i, r] for i, r in skips],
             }
             write_json_atomic(self.path / PROGRESS, self.progress)
         except OSError as err:
             raise disk_error(err, self.path) from None
-        self._row_images = []
+        return buffers
 
     def finish(self, n_images: int) -> list[tuple[int, str]]:
         """Write the last partial chunk and trim the arrays to the rows stored.
@@ -386,6 +436,14 @@ class RunWriter:
         return [(int(i), str(r)) for i, r in self.progress["skipped"]]
 
     def close(self) -> None:
+        if getattr(self, "_inflight", None):
+            try:
+                self._wait()  # an error here is already being raised by add/finish or is moot
+            except Exception as err:  # noqa: BLE001
+                log.debug("pending chunk write failed while closing: %s", err)
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown()
+            self._pool = None
         if not self._lock.closed:
             fcntl.lockf(self._lock, fcntl.LOCK_UN)
             self._lock.close()
@@ -445,8 +503,11 @@ def merge_shards(out: str | os.PathLike[str], shards: list[str | os.PathLike[str
     with writer:
         if writer.already_complete:
             return Run(out)
-        base = {k: v for k, v in first.items() if k not in ("shard", "spec", "status", "layers", "storage", "images",
-                                                            "finished")}
+        base = {
+            k: v
+            for k, v in first.items()
+            if k not in ("shard", "spec", "status", "layers", "storage", "images", "finished")
+        }
         writer.begin({**base, "merged_from": [str(r.path) for r in ordered]})
         n_total = sum(r.manifest["images"]["n_total"] for r in ordered)
         if not writer.has_layers:

@@ -198,3 +198,51 @@ def test_batchnorm_folding_is_exact_safe_and_leaves_the_model_alone(image_dir: P
     assert foldable_pairs(nostats, set()) == []
     unfolded = lt.extract(model, image_dir, layers, tmp_path / "u", workers=0, batch_size=4, fold_bn=False)
     assert unfolded.manifest["options"]["folded_batchnorms"] == 0
+
+
+class _Untraceable(torch.nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so compile must fall back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_compiled_tap_matches_hooks_and_pads_last_batch() -> None:
+    # features.10 and classifier.4 are each followed by an in-place ReLU; layer1's output feeds an in-place add
+    cases = {"alexnet": ["features.10", "classifier.4", "classifier.5"], "resnet18": ["layer1.0.bn2", "layer2", "fc"]}
+    for name, layers in cases.items():
+        model = lt.load_model(name, weights="random", seed=1)
+        ref_model = tvm.get_model(name, weights=None)
+        ref_model.load_state_dict(model.module.state_dict())
+        x = torch.randn(5, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+        ref = reference_outputs(ref_model, x, layers)
+        tap = lt.Extractor(model, layers, compile=True)
+        assert tap.compiled and tap.calls == dict.fromkeys(layers, 1)
+        with tap:
+            full = tap(x[:4])  # compiles for batch 4
+            part = tap(x[4:])  # batch 1: padded to 4, sliced back
+            again = tap(x[:4])
+        for layer in layers:
+            got = torch.cat([full[layer], part[layer]])
+            assert got.shape == ref[layer][0].shape
+            torch.testing.assert_close(got, ref[layer][0], **TOL, msg=f"{name} {layer}")
+            assert torch.equal(again[layer], full[layer]), "same input, same output"
+
+
+def test_compile_falls_back_when_untraceable(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    net = _Untraceable().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with caplog.at_level("WARNING", logger="layertap"):
+        tap = lt.Extractor(net, ["conv", "output"], compile=True)
+    assert not tap.compiled and "cannot trace" in caplog.text
+    out = tap(x)
+    torch.testing.assert_close(out["conv"], net.conv(x))
+    torch.testing.assert_close(out["output"], net(x))
+    # a tapped module inside another tapped module cannot be a graph node of its own: hooks again
+    assert not lt.Extractor(lt.load_model("resnet18", weights="random"), ["layer1", "layer1.0"], compile=True).compiled
