@@ -296,3 +296,23 @@ def test_random_projection_on_the_fly_matches_offline(image_dir: Path, tmp_path:
     assert proj["features.5"].shape == (9, 256) and proj.manifest["layers"]["features.5"]["reduce"] == "srp:256:7"
     want = lt.SparseRandomProjection(256, seed=7).apply_numpy(full["features.5"][:])
     np.testing.assert_allclose(proj["features.5"][:], want, rtol=1e-3, atol=1e-3)
+
+
+def test_extract_compiled_matches_reference(layertap_cli, image_dir: Path, tmp_path: Path) -> None:
+    import torchvision.models as tvm
+    from conftest import reference_batch, reference_outputs
+
+    torch.manual_seed(5)
+    weights = tmp_path / "resnet18.pt"
+    ref_model = tvm.resnet18().eval()
+    torch.save(ref_model.state_dict(), weights)
+    layers = ["layer1.0.bn2", "layer2", "avgpool"]  # bn2 feeds an in-place add; avgpool ends the graph
+    out = tmp_path / "compiled"
+    args = ["--model", "resnet18", "--weights", str(weights), "--layers", *layers, "--images", str(image_dir)]
+    layertap_cli("extract", *args, "--out", str(out), "--batch-size", "4", "--workers", "0", "--compile", check=True)
+    run = lt.open_run(out)
+    assert run.manifest["compiled"] is True and run.manifest["spec"]["compile"] is True
+    paths = [str(image_dir / p) for p in run.images]  # 9 images: the last batch of 1 is padded to 4
+    ref = reference_outputs(ref_model, reference_batch(paths, "resnet18"), layers)
+    for layer in layers:
+        np.testing.assert_allclose(run[layer][:], ref[layer][0].numpy(), rtol=1e-4, atol=1e-4, err_msg=layer)

@@ -246,3 +246,18 @@ def test_compile_falls_back_when_untraceable(caplog: pytest.LogCaptureFixture) -
     torch.testing.assert_close(out["output"], net(x))
     # a tapped module inside another tapped module cannot be a graph node of its own: hooks again
     assert not lt.Extractor(lt.load_model("resnet18", weights="random"), ["layer1", "layer1.0"], compile=True).compiled
+
+
+def test_autocast_is_opt_in_and_close_but_not_exact(image_dir: Path, tmp_path: Path) -> None:
+    layers = ["layer2", "avgpool"]
+    model = lt.load_model("resnet18", weights="random", seed=4)
+    exact = lt.extract(model, image_dir, layers, tmp_path / "fp32", batch_size=4, workers=0)
+    low = lt.extract(model, image_dir, layers, tmp_path / "bf16", batch_size=4, workers=0, autocast="bfloat16")
+    assert exact.manifest["spec"]["autocast"] is None and low.manifest["spec"]["autocast"] == "bfloat16"
+    for layer in layers:
+        a, b = exact[layer][:], low[layer][:]
+        assert b.dtype == np.float32  # stored in the requested dtype, whatever autocast computed in
+        rel = np.abs(a - b).max() / np.abs(a).max()
+        assert 1e-5 < rel < 0.1, (layer, rel)  # bfloat16 has 8 mantissa bits: close, never equal
+    with pytest.raises(lt.LayertapError, match="autocast must be one of"):
+        lt.Extractor(model, layers, autocast="int8")
