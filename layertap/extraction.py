@@ -166,19 +166,18 @@ class Extractor:
 
     def _build_graph(self) -> None:
         from .layers import OUTPUT
-        from .speed import tap_graph
+        from .speed import compiled_tap_graph
 
         named = {n for n, _ in self.module.named_modules() if n}
         targets = [n if n in named else self.model.layer_aliases.get(n, "" if n == OUTPUT else n) for n in self.layers]
         try:
-            graph, keys = tap_graph(self.module, targets)
+            self._graph, self._keys = compiled_tap_graph(self.module, targets)
         except Exception as err:  # noqa: BLE001 - untraceable models run eagerly: same numbers, less speed
             log.warning("compile: cannot trace %s with torch.fx (%s); running without compile", self.module_name, err)
             return
-        self._graph, self._keys = torch.compile(graph), keys
         self._batch: int | None = None
         self._graph_ran = False
-        self.calls = {n: sum(1 for pos, _ in keys if pos == i) for i, n in enumerate(self.layers)}
+        self.calls = {n: sum(1 for pos, _ in self._keys if pos == i) for i, n in enumerate(self.layers)}
         self.compiled = True
 
     @property
@@ -268,8 +267,8 @@ def prepare_module(module: nn.Module, device: torch.device, channels_last: bool 
     if channels_last == "auto":
         channels_last = device.type in ("cpu", "cuda") and any(isinstance(m, nn.Conv2d) for m in module.modules())
     module.to(device)
-    if channels_last:
-        module.to(memory_format=torch.channels_last)
+    # both ways: a folded copy is reused across calls (see speed.fold_batchnorm) that may ask differently
+    module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     module.eval()
     return bool(channels_last)
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
+from typing import Any
 
+import torch
 import torch.fx
 from torch import nn
 
@@ -55,24 +58,49 @@ def _set(root: nn.Module, name: str, value: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, value)
 
 
+#: module -> {protected names: (fingerprint, folded copy, pairs folded, the tensors fingerprinted)}
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, dict[frozenset[str], tuple[Any, ...]]] = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(module: nn.Module) -> tuple[list[torch.Tensor], tuple[Any, ...]]:
+    """What a folded copy depends on: the module tree and every parameter and buffer (object,
+    storage, in-place version). Any training step, ``load_state_dict`` or swapped submodule
+    changes it."""
+    tensors = [*module.parameters(), *module.buffers()]
+    key = (
+        tuple((name, id(m)) for name, m in module.named_modules()),
+        tuple((id(t), t.data_ptr(), t._version, t.device) for t in tensors),
+    )
+    return tensors, key
+
+
 def fold_batchnorm(module: nn.Module, protected: set[str]) -> tuple[nn.Module, int]:
     """A copy of ``module`` (eval mode) with foldable conv+BN pairs folded; the original is untouched.
 
     ``protected``: tapped module names. Returns (module, number of pairs folded); when nothing
-    can be folded the module itself is returned.
+    can be folded the module itself is returned. The copy is reused by later calls for the same
+    module and ``protected`` while the module is unchanged (see :func:`_fingerprint`), so that
+    a compiled graph of it (``compile=True``) is reused as well.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     module.eval()
+    tensors, key = _fingerprint(module)
+    cached = _FOLDED.get(module, {}).get(frozenset(protected))
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
     pairs = foldable_pairs(module, protected)
-    if not pairs:
-        return module, 0
-    folded = copy.deepcopy(module)
-    for conv_name, bn_name in pairs:
-        conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
-        _set(folded, conv_name, fuse_conv_bn_eval(conv, bn))
-        _set(folded, bn_name, nn.Identity())
-    return folded.eval(), len(pairs)
+    folded = module
+    if pairs:
+        folded = copy.deepcopy(module)
+        for conv_name, bn_name in pairs:
+            conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
+            _set(folded, conv_name, fuse_conv_bn_eval(conv, bn))
+            _set(folded, bn_name, nn.Identity())
+        folded.eval()
+        # the tensors are kept so that their ids cannot be reused by new ones while cached
+        _FOLDED.setdefault(module, {})[frozenset(protected)] = (key, folded, len(pairs), tensors)
+    return folded, len(pairs)
 
 
 # --- compiled taps -------------------------------------------------------------------------------
@@ -87,6 +115,36 @@ class _TapTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return qualname in self.keep or super().is_leaf_module(m, qualname)
+
+
+#: module -> {targets: (graph module, compiled graph, output keys)}, see :func:`compiled_tap_graph`
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], tuple[Any, ...]]] = weakref.WeakKeyDictionary()
+
+
+def compiled_tap_graph(module: nn.Module, targets: list[str]) -> tuple[Any, list[tuple[int, int]]]:
+    """``torch.compile`` of :func:`tap_graph`, reused for the same module and targets as long as
+    every submodule the graph calls is still the module's own (its weights are read at call
+    time). Compilation itself happens on the first call."""
+    cached = _GRAPHS.get(module, {}).get(tuple(targets))
+    if cached is not None:
+        graph, compiled, keys = cached
+        calls = [n.target for n in graph.graph.nodes if n.op in ("call_module", "get_attr")]
+        try:
+            if all(_resolve(graph, t) is _resolve(module, t) for t in calls):
+                return compiled, keys
+        except AttributeError:
+            pass
+    graph, keys = tap_graph(module, targets)
+    compiled = torch.compile(graph)
+    _GRAPHS.setdefault(module, {})[tuple(targets)] = (graph, compiled, keys)
+    return compiled, keys
+
+
+def _resolve(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def tap_graph(module: nn.Module, targets: list[str]) -> tuple[nn.Module, list[tuple[int, int]]]:
