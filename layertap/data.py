@@ -350,9 +350,9 @@ def iter_batches(
         num_workers=nw,
         collate_fn=_collate,
         pin_memory=pin_memory,
-        # One batch ahead per worker: decoding outpaces the model, and every batch waiting costs memory
-        # twice (in the worker that built it and in the main process that maps it).
-        prefetch_factor=1 if nw > 0 else None,
+        # Two batches ahead per worker absorb slow images when decoding is as costly as the model;
+        # more only costs memory.
+        prefetch_factor=2 if nw > 0 else None,
     )
     import gc
 
