@@ -173,8 +173,9 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     o.add_argument(
         "--compile",
         action="store_true",
-        help="run the tapped part of the model through torch.compile: faster for large jobs (e.g. +25%% for a ViT "
-        "on a CPU) after a one-off compile of ~20 s; equal to the eager forward to float32 rounding",
+        help="run the tapped part of the model through torch.compile, after a one-off compile of ~20-30 s: the bare "
+        "forward is 1.1-1.2x faster on a 2-core CPU, but with decoding competing for the cores it may not pay "
+        "(see README); equal to the eager forward to float32 rounding",
     )
     o.add_argument(
         "--autocast",

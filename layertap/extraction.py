@@ -52,8 +52,8 @@ class Extractor:
     exit, whatever happens.
 
     ``compile=True`` runs the tapped part of the model as one ``torch.compile``'d graph instead of
-    hooks (see :func:`layertap.speed.tap_graph`): faster on CPUs after a one-off compile (~20 s
-    for a ResNet-50 on 2 cores), equal to the eager forward to float32 rounding. The first call
+    hooks (see :func:`layertap.speed.tap_graph`): a 1.1–1.2x faster forward on a 2-core CPU after
+    a one-off compile (~20–30 s for a ResNet-50), equal to the eager forward to float32 rounding. The first call
     fixes the batch size: smaller batches are padded to it (no recompilation). A model that
     ``torch.fx`` cannot trace, or a compiler failure, logs a warning and runs eagerly instead;
     ``compiled`` tells which ran.
@@ -341,8 +341,9 @@ def extract(
     ``fold_bn`` folds eval-mode BatchNorm into the convolution before it where no tapped output
     changes (see :mod:`layertap.speed`): float32-rounding-level differences, ~25% faster ResNets.
     ``compile`` runs the tapped layers as one ``torch.compile``'d graph (see :class:`Extractor`):
-    worth its one-off compile time (~20 s on a 2-core CPU) for large jobs; float32-rounding-level
-    differences; whether it ran is recorded in the manifest (``compiled``).
+    a faster forward after a one-off compile (~20–30 s on a 2-core CPU), which pays only where
+    decoding does not compete for the same cores; float32-rounding-level differences; whether it
+    ran is recorded in the manifest (``compiled``).
     ``autocast`` ("float16" or "bfloat16", opt-in, recorded) computes under ``torch.autocast``: for
     GPUs; it changes the numbers (~1e-2 relative) and is ~25x slower on CPUs without AVX512/AMX.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import weakref
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -130,7 +131,7 @@ def compiled_tap_graph(module: nn.Module, targets: list[str]) -> tuple[Any, list
         graph, compiled, keys = cached
         calls = [n.target for n in graph.graph.nodes if n.op in ("call_module", "get_attr")]
         try:
-            if all(_resolve(graph, t) is _resolve(module, t) for t in calls):
+            if all(attrgetter(t)(graph) is attrgetter(t)(module) for t in calls):
                 return compiled, keys
         except AttributeError:
             pass
@@ -138,13 +139,6 @@ def compiled_tap_graph(module: nn.Module, targets: list[str]) -> tuple[Any, list
     compiled = torch.compile(graph)
     _GRAPHS.setdefault(module, {})[tuple(targets)] = (graph, compiled, keys)
     return compiled, keys
-
-
-def _resolve(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def tap_graph(module: nn.Module, targets: list[str]) -> tuple[nn.Module, list[tuple[int, int]]]:
