@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import importlib
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 from .errors import LayertapError, close_matches
 from .storage import LayerArray, Run, disk_error, open_run
 
+log = logging.getLogger("layertap")
 METRICS = ("correlation", "cosine", "euclidean")
 RDM_COMPARISONS = ("pearson", "spearman", "kendall_tau_a")
 #: methods of :func:`layer_similarity` / :func:`compare_to_reference`
@@ -113,8 +115,14 @@ def _prepare(block: np.ndarray, metric: str, col_mean: np.ndarray | None) -> tup
         return block / norms[:, None], None
 
 
-def _rdm_blocks(X: Any, metric: str, block_rows: int | None) -> tuple[int, Iterator[tuple[int, int, np.ndarray]]]:
-    """(N, generator of (i0, j0, D[i0:i1, j0:j1]) for block pairs with j0 >= i0)."""
+def _rdm_blocks(
+    X: Any, metric: str, block_rows: int | None, undefined: list[int] | None = None
+) -> tuple[int, Iterator[tuple[int, int, np.ndarray]]]:
+    """(N, generator of (i0, j0, D[i0:i1, j0:j1]) for block pairs with j0 >= i0).
+
+    ``undefined``, if given, receives the indices of rows whose distances are all NaN (constant
+    rows for correlation, zero rows for cosine, non-finite values), as the generator reaches them.
+    """
     _check_metric(metric)
     rows = _Rows(X)
     step = rows.default_block(block_rows)
@@ -128,6 +136,9 @@ def _rdm_blocks(X: Any, metric: str, block_rows: int | None) -> tuple[int, Itera
     def gen() -> Iterator[tuple[int, int, np.ndarray]]:
         for i0 in range(0, rows.n, step):
             a, na = _prepare(rows.get(i0, i0 + step), metric, col_mean)
+            if undefined is not None:  # every row is an `a` row exactly once
+                bad = ~np.isfinite(a).all(axis=1) | (na is not None and ~np.isfinite(na))
+                undefined.extend(int(i) for i in i0 + np.flatnonzero(bad))
             for j0 in range(i0, rows.n, step):
                 b, nb = (a, na) if j0 == i0 else _prepare(rows.get(j0, j0 + step), metric, col_mean)
                 dot = a @ b.T
@@ -144,38 +155,75 @@ def _rdm_blocks(X: Any, metric: str, block_rows: int | None) -> tuple[int, Itera
     return rows.n, gen()
 
 
-def rdm(X: Any, metric: str = "correlation", block_rows: int | None = None) -> np.ndarray:
+def _warn_undefined(undefined: list[int], n: int, metric: str, labels: Sequence[str] | None, what: str) -> None:
+    """Warn once, naming the images whose distances are all NaN (nothing to compare them by)."""
+    if not undefined:
+        return
+    names = [str(labels[i]) if labels is not None else f"row {i}" for i in undefined]
+    shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+    cause = {"correlation": "constant", "cosine": "all-zero"}.get(metric, "non-finite")
+    log.warning(
+        "%s%d of %d images have %s activations, so their %s distances are NaN and left out of comparisons: %s",
+        f"{what}: " if what else "",
+        len(undefined),
+        n,
+        cause,
+        metric,
+        shown,
+    )
+
+
+def rdm(
+    X: Any,
+    metric: str = "correlation",
+    block_rows: int | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    what: str = "",
+) -> np.ndarray:
     """Representational dissimilarity matrix of the images (rows) of ``X``.
 
     ``X``: (N, ...) numpy array or LayerArray; trailing axes are flattened to P features.
     ``metric``: ``"correlation"`` (1 - Pearson r between two images' feature vectors, in [0, 2]),
     ``"cosine"`` (1 - cosine similarity, in [0, 2]) or ``"euclidean"`` (distance, in the units of X).
     Returns (N, N) float64, symmetric, zero diagonal. A constant row (correlation) or zero row
-    (cosine) gives NaN distances, as ``scipy.spatial.distance.pdist`` does.
+    (cosine) gives NaN distances, as ``scipy.spatial.distance.pdist`` does, and a warning (logger
+    ``layertap``) naming those images: ``labels`` (one name per row, e.g. ``run.images``) and
+    ``what`` (e.g. the layer) make it readable; by default rows are named by index.
 
     Computed in blocks of ``block_rows`` images (default: about 128 MB of float64 per block):
     memory is the result, 8*N^2 bytes (N=50,000: 20 GB; use :func:`rdm_to_disk` then), plus two
     blocks and one block x block product. A LayerArray is read about N / (2 * block_rows) times.
     """
-    n, blocks = _rdm_blocks(X, metric, block_rows)
+    undefined: list[int] = []
+    n, blocks = _rdm_blocks(X, metric, block_rows, undefined)
     out = np.empty((n, n), dtype=np.float64)
     for i0, j0, d in blocks:
         out[i0 : i0 + d.shape[0], j0 : j0 + d.shape[1]] = d
         out[j0 : j0 + d.shape[1], i0 : i0 + d.shape[0]] = d.T
+    _warn_undefined(undefined, n, metric, labels, what)
     return out
 
 
 def rdm_to_disk(
-    X: Any, path: str | os.PathLike[str], metric: str = "correlation", block_rows: int | None = None
+    X: Any,
+    path: str | os.PathLike[str],
+    metric: str = "correlation",
+    block_rows: int | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    what: str = "",
 ) -> Path:
     """Like :func:`rdm`, but stream the (N, N) float64 RDM into the ``.npy`` file ``path``.
 
     Only two row blocks and one block x block result are in memory at a time, so N = 50,000
     images (a 20 GB RDM) needs no 20 GB of RAM; the file needs 8*N^2 bytes (+128) of disk.
-    Open the result lazily with ``np.load(path, mmap_mode="r")``. Returns ``path``.
+    Open the result lazily with ``np.load(path, mmap_mode="r")``. Returns ``path``. Constant rows
+    are warned about as in :func:`rdm` (``labels``, ``what``).
     """
     path = Path(path)
-    n, blocks = _rdm_blocks(X, metric, block_rows)
+    undefined: list[int] = []
+    n, blocks = _rdm_blocks(X, metric, block_rows, undefined)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(n, n))
@@ -190,6 +238,7 @@ def rdm_to_disk(
         del mm
     except OSError as err:
         raise disk_error(err, path) from None
+    _warn_undefined(undefined, n, metric, labels, what)
     return path
 
 
@@ -346,23 +395,69 @@ def kendall_tau_a(x: Any, y: Any) -> float:
     return float((n0 - n1 - n2 + n3 - 2 * discordant) / n0)
 
 
+def _shared_pairs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Leave out the missing (NaN) pairs: ``(x, y, how many left out)``.
+
+    Missing pairs of one RDM (a brain or behavioural RDM with pairs never measured, a layer RDM
+    with a constant image) are left out of both. When *both* RDMs have missing pairs, they must be
+    the same pairs (as rsatoolbox requires): different patterns are an error, because which pairs
+    to trust is the user's decision, not ours.
+    """
+    if x.shape != y.shape:
+        raise LayertapError(f"RDMs differ in size: {x.size} and {y.size} pairs")
+    nx, ny = np.isnan(x), np.isnan(y)
+    if not (nx.any() or ny.any()):
+        return x, y, 0
+    if nx.any() and ny.any() and not np.array_equal(nx, ny):
+        raise LayertapError(
+            f"both RDMs have missing (NaN) pairs, at different positions ({int((nx & ~ny).sum())} pairs missing only "
+            f"in the first, {int((ny & ~nx).sum())} only in the second): set the same pairs to NaN in both "
+            "(e.g. the union) to compare them over the pairs they share"
+        )
+    keep = ~(nx | ny)
+    return x[keep], y[keep], int(x.size - keep.sum())
+
+
+def _compare(x: np.ndarray, y: np.ndarray, method: str) -> tuple[float, int]:
+    """(similarity over the shared pairs, number of pairs left out as missing)."""
+    if method not in (*RDM_COMPARISONS, "kendall", "tau_a"):
+        raise LayertapError(f"unknown RDM comparison '{method}'; choose one of {', '.join(RDM_COMPARISONS)}")
+    x, y, left_out = _shared_pairs(x, y)
+    if left_out and x.size < 2:
+        raise LayertapError(f"the RDMs share {x.size} pair(s) that are not NaN; a comparison needs at least 2")
+    if method == "pearson":
+        return _pearson(x, y), left_out
+    if method == "spearman":
+        return _pearson(rank_average(x), rank_average(y)), left_out
+    return kendall_tau_a(x, y), left_out
+
+
+def _warn_left_out(left_out: int, total: int, what: str) -> None:
+    if left_out:
+        log.warning(
+            "%s%d of %d pairs are missing (NaN) and were left out of the comparison",
+            f"{what}: " if what else "",
+            left_out,
+            total,
+        )
+
+
 def compare_rdms(a: Any, b: Any, method: str = "spearman") -> float:
     """Similarity of two RDMs over their upper triangles (diagonal excluded).
 
     ``a``, ``b``: (N, N) RDMs or condensed vectors of N(N-1)/2 entries. ``method``: ``"pearson"``
     (linear correlation), ``"spearman"`` (correlation of average ranks) or ``"kendall_tau_a"``.
     Returns a unitless float in [-1, 1] (NaN if one RDM is constant).
+
+    Missing pairs (NaN) are left out of both RDMs, with a warning (logger ``layertap``) saying how
+    many: NaN at the same pairs in both (as rsatoolbox's ``compare`` does), or in one RDM only (which
+    rsatoolbox refuses; here those pairs are left out of the other too). NaN in both RDMs at different
+    pairs is a :class:`LayertapError`, as in rsatoolbox.
     """
     x, y = upper_triangle(a), upper_triangle(b)
-    if x.shape != y.shape:
-        raise LayertapError(f"RDMs differ in size: {x.size} and {y.size} pairs")
-    if method == "pearson":
-        return _pearson(x, y)
-    if method == "spearman":
-        return _pearson(rank_average(x), rank_average(y))
-    if method in ("kendall_tau_a", "kendall", "tau_a"):
-        return kendall_tau_a(x, y)
-    raise LayertapError(f"unknown RDM comparison '{method}'; choose one of {', '.join(RDM_COMPARISONS)}")
+    value, left_out = _compare(x, y, method)
+    _warn_left_out(left_out, x.size, "")
+    return value
 
 
 # -- CKA ------------------------------------------------------------------------------------------
@@ -538,10 +633,22 @@ def layer_similarity(
     def rep(run: Run, which: int, layer: str) -> Any:
         key = (0 if same else which, layer)
         if key not in cache:
-            cache[key] = upper_triangle(rdm(run[layer], metric, block_rows)) if kind == "rdm" else run[layer]
+            if kind == "rdm":
+                cache[key] = upper_triangle(rdm(run[layer], metric, block_rows, labels=run.images, what=layer))
+            else:
+                cache[key] = run[layer]
         return cache[key]
 
+    def similarity(x: Any, y: Any) -> float:
+        if kind != "rdm":
+            return cka(x, y, what, unbiased)
+        value, left_out = _compare(x, y, what)
+        if left_out:
+            missing.append(left_out)
+        return value
+
     out = np.empty((len(la), len(lb)))
+    missing: list[int] = []  # pairs left out (NaN), per comparison that left some out
     done: dict[tuple[str, str], float] = {}  # within one run every measure is symmetric: compute a pair once
     for i, a in enumerate(la):
         for j, b in enumerate(lb):
@@ -550,11 +657,15 @@ def layer_similarity(
                 continue
             pair = (min(a, b), max(a, b)) if same else (a, b)
             if pair not in done:
-                x, y = rep(ra, 0, a), rep(rb, 1, b)
-                done[pair] = compare_rdms(x, y, what) if kind == "rdm" else cka(x, y, what, unbiased)
+                done[pair] = similarity(rep(ra, 0, a), rep(rb, 1, b))
             out[i, j] = done[pair]
+    if missing:
+        n = len(ra.images)
+        _warn_left_out(max(missing), n * (n - 1) // 2, f"{len(missing)} layer comparison(s), up to")
     prefix = ("", "") if same else ("A:", "B:")
-    return out, [prefix[0] + n for n in la], [prefix[1] + n for n in lb]
+    from .results import LayerSimilarity
+
+    return LayerSimilarity.of(out, [prefix[0] + n for n in la], [prefix[1] + n for n in lb], method, metric)
 
 
 def _numeric_csv(path: Path) -> np.ndarray:
@@ -648,12 +759,22 @@ def _load_mat(path: Path, key: str | None) -> np.ndarray:
 
 
 def is_rdm(matrix: np.ndarray, rtol: float = 1e-6) -> bool:
-    """Square, symmetric and zero on the diagonal (within ``rtol`` of the largest entry)."""
+    """Square, symmetric and zero on the diagonal (within ``rtol`` of the largest entry).
+
+    Missing pairs are allowed: NaN at symmetric positions (``M[i, j]`` and ``M[j, i]`` both NaN)
+    and a zero or NaN diagonal, as long as some pair off the diagonal is not NaN.
+    """
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 2:
         return False
-    scale = max(float(np.nanmax(np.abs(matrix))), 1e-300)
+    missing = np.isnan(matrix)
+    off_diagonal = ~np.eye(matrix.shape[0], dtype=bool)
+    if not np.array_equal(missing, missing.T) or missing[off_diagonal].all():
+        return False
+    scale = max(float(np.max(np.abs(matrix[~missing]))), 1e-300)
     tol = rtol * scale
-    return bool(np.all(np.abs(np.diag(matrix)) <= tol) and np.allclose(matrix, matrix.T, rtol=0, atol=tol))
+    diag = np.diag(matrix)
+    diag_ok = np.all(np.isnan(diag) | (np.abs(diag) <= tol))
+    return bool(diag_ok and np.allclose(matrix, matrix.T, rtol=0, atol=tol, equal_nan=True))
 
 
 def compare_to_reference(
@@ -668,7 +789,8 @@ def compare_to_reference(
     """Similarity of each layer of ``run`` with a reference (brain data, behaviour, a model RDM).
 
     ``reference``: array or path to ``.npy`` / ``.csv`` / ``.mat`` (``key`` picks the variable). A
-    square, symmetric, zero-diagonal matrix (or a condensed vector) is an (N, N) RDM; anything else
+    square, symmetric, zero-diagonal matrix (or a condensed vector) is an (N, N) RDM, missing pairs
+    (NaN, see :func:`is_rdm`) allowed and left out of every comparison (:func:`compare_rdms`); anything else
     is a response matrix (N images x units) whose RDM (``metric``) is computed for the ``rdm-*``
     methods, or which is compared directly with the ``cka-*`` methods (CKA needs a response matrix).
     Rows must follow the run's image order. Returns ``{layer: similarity}`` in layer order.
@@ -684,14 +806,24 @@ def compare_to_reference(
         raise LayertapError(
             "the reference is an RDM; CKA needs a response matrix (images x units): use an rdm-* method"
         )
-    ref_rep = (upper_triangle(ref) if ref_is_rdm else upper_triangle(rdm(ref, metric))) if kind == "rdm" else ref
+    if kind == "rdm":
+        ref_rep = upper_triangle(ref if ref_is_rdm else rdm(ref, metric, labels=r.images, what="reference"))
+        ref_missing = int(np.isnan(ref_rep).sum())
+        _warn_left_out(ref_missing, ref_rep.size, "reference (in every layer's comparison)")
+    else:
+        ref_rep = ref
     out: dict[str, float] = {}
     for layer in select_layers(r, layers):
         if kind == "rdm":
-            out[layer] = compare_rdms(upper_triangle(rdm(r[layer], metric, block_rows)), ref_rep, what)
+            layer_rdm = upper_triangle(rdm(r[layer], metric, block_rows, labels=r.images, what=layer))
+            out[layer], left_out = _compare(layer_rdm, ref_rep, what)
+            if left_out != ref_missing:  # the layer's own NaN (constant images, warned about by rdm)
+                _warn_left_out(left_out, ref_rep.size, layer)
         else:
             out[layer] = cka(r[layer], ref_rep, what, unbiased)
-    return out
+    from .results import ReferenceScores
+
+    return ReferenceScores(out, method, metric)
 
 
 # -- rsatoolbox hand-off --------------------------------------------------------------------------

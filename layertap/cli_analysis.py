@@ -28,13 +28,14 @@ ANALYSIS_EXAMPLES = """examples:
 def add_analysis_commands(sub: argparse._SubParsersAction) -> None:
     """Add the ``rdm`` and ``compare`` subcommands to the main parser's subparsers."""
     from .analysis import METHODS, METRICS
+    from .cli import _Help  # the CLI's one formatter: examples as written, defaults shown
 
     p = sub.add_parser(
         "rdm",
         help="compute the representational dissimilarity matrix (RDM) of one stored layer",
         description="Compute the images x images RDM of one layer of a run and stream it to a .npy file "
         "(memory stays bounded: the RDM is written block by block).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
         epilog=ANALYSIS_EXAMPLES,
     )
     p.add_argument("run", help="run directory written by 'layertap extract'")
@@ -42,6 +43,7 @@ def add_analysis_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", default="correlation", choices=METRICS, help="dissimilarity (default correlation)")
     p.add_argument("--out", "-o", required=True, help="output .npy file (N x N float64)")
     p.add_argument("--plot", default=None, metavar="FILE", help="also draw the RDM, grouped by class (.png or .svg)")
+    p.add_argument("--mds", default=None, metavar="FILE", help="also draw a 2-D MDS embedding of the images (.png or .svg)")
     p.add_argument("--block-rows", type=int, default=None, help="images per block (default: about 128 MB per block)")
     p.set_defaults(func=cmd_rdm)
 
@@ -50,8 +52,9 @@ def add_analysis_commands(sub: argparse._SubParsersAction) -> None:
         help="compare layers: all layers of one or two runs, or each layer with a reference RDM/response matrix",
         description="Similarity between the stored layers of one run (or of two runs on the same images), "
         "or of each layer with a reference (.npy/.csv/.mat): a square symmetric zero-diagonal matrix is used as "
-        "an RDM, anything else as a response matrix (images x units) in the run's image order.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "an RDM (missing pairs as NaN allowed: they are left out, with a count), anything else as a response "
+        "matrix (images x units) in the run's image order.",
+        formatter_class=_Help,
         epilog=ANALYSIS_EXAMPLES,
     )
     p.add_argument("run", help="run directory")
@@ -62,6 +65,15 @@ def add_analysis_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", default="correlation", choices=METRICS, help="RDM dissimilarity (default correlation)")
     p.add_argument("--reference", default=None, metavar="FILE", help="compare each layer with this RDM/response file")
     p.add_argument("--key", default=None, help="variable name in a .mat reference holding several matrices")
+    p.add_argument(
+        "--subject-rdms",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="RSA with a noise ceiling: one RDM per subject (files, or one subjects x N x N file); prints each "
+        "layer's mean over subjects and rsatoolbox's lower/upper ceiling bounds (layertap.encode.rsa)",
+    )
+    p.add_argument("--stimuli", default=None, metavar="FILE", help="with --subject-rdms: ids of the RDM rows")
     p.add_argument("--out", "-o", default=None, metavar="FILE.csv", help="write the result as CSV")
     p.add_argument("--plot", default=None, metavar="FILE", help="draw the result as a heatmap (.png or .svg)")
     p.set_defaults(func=cmd_compare)
@@ -75,14 +87,33 @@ def cmd_rdm(args: argparse.Namespace) -> None:
         raise LayertapError(f"--out must be a .npy file, not {out.name}")
     run = _as_run(args.run)
     arr = run[args.layer]
-    rdm_to_disk(arr, out, args.metric, args.block_rows)
+    rdm_to_disk(arr, out, args.metric, args.block_rows, labels=run.images, what=args.layer)
     n = arr.shape[0]
     print(f"{args.layer}: {n}x{n} {args.metric} RDM -> {out}")
     if args.plot:
         from .plots import plot_rdm
 
-        path = plot_rdm(np.load(out, mmap_mode="r"), args.plot, run.targets, run.classes, title=f"{args.layer}")
+        path = plot_rdm(
+            np.load(out, mmap_mode="r"),
+            args.plot,
+            run.targets,
+            run.classes,
+            title=f"{_model_name(run)}, {args.layer}: RDM",
+            measure=args.metric,
+        )
         print(f"plot -> {path}")
+    if args.mds:
+        from .plots import plot_mds
+
+        title = f"{_model_name(run)}, {args.layer}: MDS ({args.metric})"
+        path = plot_mds(np.load(out), args.mds, run.targets, run.classes, metric=args.metric, title=title)
+        print(f"MDS -> {path}")
+
+
+def _model_name(run: object) -> str:
+    """The run's model name without its source prefix (for figure titles)."""
+    name = str(getattr(run, "manifest", {}).get("model", {}).get("name", "") or "")
+    return name.split(":", 1)[-1]
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
@@ -107,6 +138,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
         raise LayertapError("--layers2 needs a second run")
     if args.out and Path(args.out).suffix.lower() != ".csv":
         raise LayertapError(f"--out must be a .csv file, not {Path(args.out).name}")
+    if getattr(args, "subject_rdms", None):
+        if args.reference or args.run2:
+            raise LayertapError("give --subject-rdms alone, without --reference or a second run")
+        from .encode.rsa import cmd_compare_subjects
+
+        return cmd_compare_subjects(args)
     if args.reference:
         scores = compare_to_reference(args.run, args.reference, args.layers, args.method, args.metric, key=args.key)
         width = max(len(n) for n in scores)
@@ -134,7 +171,44 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if args.out:
         print(f"table -> {args.out}")
     if args.plot:
-        from .plots import plot_layer_similarity
+        from .analysis import _as_run
+        from .plots import measure_label, plot_layer_similarity, plot_reference_bars
 
-        path = plot_layer_similarity(matrix, rows, cols, args.plot, title=args.method)
+        run = _as_run(args.run)
+        if args.reference:
+            path = plot_reference_bars(
+                scores,
+                args.plot,
+                _reference_cis(run, args, scores) if args.method.startswith("rdm-") else None,
+                measure=args.method,
+                title=f"{_model_name(run)} vs {Path(args.reference).name}",
+            )
+        else:
+            names = (_model_name(run), _model_name(_as_run(args.run2)) if args.run2 else None)
+            if names[1] is not None:  # the axes name the runs; the ticks are plain layer names
+                rows, cols = [r.removeprefix("A:") for r in rows], [c.removeprefix("B:") for c in cols]
+            title = f"{names[0]}" + (f" vs {names[1]}" if names[1] else "") + f": {measure_label(args.method)}"
+            path = plot_layer_similarity(
+                matrix,
+                rows,
+                cols,
+                args.plot,
+                title=title,
+                measure=args.method,
+                row_title=f"{names[0]} ({args.run})" if names[1] else None,
+                col_title=f"{names[1]} ({args.run2})" if names[1] else None,
+            )
         print(f"plot -> {path}")
+
+
+def _reference_cis(run: object, args: argparse.Namespace, scores: dict) -> dict[str, tuple[float, float]]:
+    """95% bootstrap CIs (over images) of each layer's RDM similarity with the reference."""
+    from .analysis import is_rdm, load_matrix, rdm
+    from .results import bootstrap_ci
+
+    ref = load_matrix(args.reference, args.key)
+    ref_rdm = ref if is_rdm(ref) else rdm(ref, args.metric)
+    return {
+        layer: bootstrap_ci(rdm(run[layer], args.metric), ref_rdm, args.method)  # type: ignore[index]
+        for layer in scores
+    }

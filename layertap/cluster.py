@@ -7,6 +7,7 @@ merged into ``OUT`` by :func:`layertap.storage.merge_shards`, byte-identical to 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -82,6 +83,67 @@ def _layertap_command() -> list[str]:
     return [sys.executable, "-m", "layertap"]
 
 
+#: extract options whose value is always a path, and those whose value is a path when it exists
+_PATH_OPTIONS = ("--images", "--in_path", "-i", "--out", "--out_path", "-o")
+_MAYBE_PATH_OPTIONS = ("--weights", "--model_path", "--model-path", "--option")
+_MODEL_OPTIONS = ("--model", "--model_name", "-m")
+_CUSTOM_MODEL = re.compile(r"^(?P<prefix>(custom:)?)(?P<file>.+\.py):(?P<factory>[A-Za-z_]\w*)$")
+
+
+def _absolute(value: str, option: str, base: Path) -> str:
+    """``value`` of ``option`` with any relative path in it made absolute against ``base``."""
+
+    def resolve(path: str) -> str:
+        return str((base / Path(path).expanduser()).resolve())
+
+    if option in _PATH_OPTIONS:
+        return resolve(value)
+    if option in _MODEL_OPTIONS:
+        m = _CUSTOM_MODEL.match(value)
+        if m:  # your own model file: path/to/net.py:factory
+            return f"{m['prefix']}{resolve(m['file'])}:{m['factory']}"
+        src, sep, rest = value.partition(":")
+        if sep and src == "hf" and (base / rest).exists():  # a local Hugging Face model folder
+            return f"hf:{resolve(rest)}"
+        return value
+    if option == "--option":  # KEY=VALUE: the value may be a file (a config, a list)
+        key, sep, v = value.partition("=")
+        return f"{key}={resolve(v)}" if sep and v and (base / v).exists() and not Path(v).is_absolute() else value
+    if value not in ("pretrained", "random") and (base / value).exists():  # --weights FILE (else an id)
+        return resolve(value)
+    return value
+
+
+def absolute_paths(extract_args: list[str], base: str | os.PathLike[str] | None = None) -> list[str]:
+    """``layertap extract`` arguments with every relative path made absolute (against ``base``, default
+    the current directory): --images, --out, --weights/--model_path FILE, --model file.py:factory or
+    hf:DIR, and --option values that name existing files. Batch jobs start in another directory.
+
+    Args:
+        extract_args: the arguments, as given after ``layertap slurm ... --``.
+        base: the directory relative paths are relative to.
+
+    Returns:
+        The same arguments, paths absolute (``--opt=value`` forms included).
+    """
+    root = Path(base or os.getcwd())
+    out: list[str] = []
+    pending: str | None = None  # the option whose value comes next
+    for arg in extract_args:
+        if pending is not None:
+            out.append(_absolute(arg, pending, root))
+            pending = None
+            continue
+        name, eq, value = arg.partition("=")
+        options = (*_PATH_OPTIONS, *_MAYBE_PATH_OPTIONS, *_MODEL_OPTIONS)
+        if eq and name in options and name.startswith("--"):
+            out.append(f"{name}={_absolute(value, name, root)}")
+        else:
+            out.append(arg)
+            pending = arg if arg in options else None
+    return out
+
+
 def write_slurm_scripts(
     extract_args: list[str],
     out: str | os.PathLike[str],
@@ -101,20 +163,24 @@ def write_slurm_scripts(
 
     ``submit.sh`` submits the array and a merge job that runs once every task has succeeded
     (``--dependency=afterok``). Edit the scripts freely; each task resumes if resubmitted.
+    Relative paths in ``extract_args`` are made absolute now (:func:`absolute_paths`), and the jobs
+    run in the current directory (``--chdir``), because Slurm starts them where ``submit.sh`` is.
     """
     if shards < 1:
         raise LayertapError("--shards must be at least 1")
+    extract_args = absolute_paths(extract_args)
     dest = Path(script_dir) if script_dir else Path(out) / "slurm"
     (dest / "logs").mkdir(parents=True, exist_ok=True)
     dest = dest.resolve()
     exe = " ".join(shlex.quote(c) for c in _layertap_command())
-    common = [f"#SBATCH --time={time}", f"#SBATCH --mem={mem}"]
+    common = [f"#SBATCH --time={time}", f"#SBATCH --mem={mem}", f"#SBATCH --chdir={os.getcwd()}"]
     if partition:
         common.append(f"#SBATCH --partition={partition}")
     if account:
         common.append(f"#SBATCH --account={account}")
     prelude = ["set -euo pipefail", *([setup] if setup else [])]
-    extract_cmd = f"{exe} extract {' '.join(shlex.quote(a) for a in extract_args)} --no-merge -q"
+    # No -q: each task's log then says what it stored (images, rows, seconds); no progress bar off a terminal.
+    extract_cmd = f"{exe} extract {' '.join(shlex.quote(a) for a in extract_args)} --no-merge"
     extract = [
         "#!/bin/bash",
         f"#SBATCH --job-name={job_name}-extract",

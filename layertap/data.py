@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import logging
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,6 +32,8 @@ THINGS_TSV = "things_concepts.tsv"
 #: background that transparent pixels are composited onto (stimuli are shown on white)
 ALPHA_BACKGROUND = (255, 255, 255)
 ORIENTATION = 0x0112  # the EXIF tag
+
+log = logging.getLogger("layertap")
 
 
 @dataclass
@@ -66,17 +71,13 @@ class ImageSet:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike[str], *, things: bool = False) -> ImageSet:
         root = Path(folder).resolve()
-        found: list[Path] = []
-        seen: set[str] = set()
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if real in seen:  # a symlink loop (or a second link to a folder already listed)
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found.extend(
-                Path(dirpath) / f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        found, special = _scan_images(root)
+        if special:
+            # A FIFO, socket or device named like an image would block (or never end) the decoder.
+            log.warning(
+                "skipping %d entries that are not regular files (e.g. %s)",
+                len(special),
+                Path(special[0]).relative_to(root).as_posix(),
             )
         if not found:
             raise LayertapError(
@@ -111,21 +112,29 @@ class ImageSet:
         lf = Path(list_file).resolve()
         base = lf.parent
         labels: list[str] | None = None
+        text = _read_utf8(lf)
         if lf.suffix.lower() in (".csv", ".tsv"):
-            with open(lf, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f, delimiter="\t" if lf.suffix.lower() == ".tsv" else ",")
-                cols = {c.lower().strip(): c for c in reader.fieldnames or []}
-                pcol = next((cols[c] for c in ("path", "file", "filename", "image") if c in cols), None)
-                if pcol is None:
-                    raise LayertapError(f"{lf} has no 'path' column (columns: {', '.join(cols.values())})")
-                lcol = next((cols[c] for c in ("class", "label", "target", "category") if c in cols), None)
-                rows = list(reader)
-            entries = [r[pcol].strip() for r in rows]
+            reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if lf.suffix.lower() == ".tsv" else ",")
+            cols = {c.lower().strip(): c for c in reader.fieldnames or []}
+            pcol = next((cols[c] for c in ("path", "file", "filename", "image") if c in cols), None)
+            if pcol is None:
+                raise LayertapError(f"{lf} has no 'path' column (columns: {', '.join(cols.values())})")
+            lcol = next((cols[c] for c in ("class", "label", "target", "category") if c in cols), None)
+            rows = list(reader)
+            entries = [(r[pcol] or "").strip() for r in rows]
             if lcol is not None:
-                labels = [str(r[lcol]).strip() for r in rows]
+                # A short row gives None, an empty cell "": neither is a class (it used to become "None").
+                labels = [(r[lcol] or "").strip() for r in rows]
+                unlabeled = [i + 2 for i, label in enumerate(labels) if not label]  # +2: header, 1-based
+                if unlabeled:
+                    rows_text = ", ".join(map(str, unlabeled[:5])) + (", ..." if len(unlabeled) > 5 else "")
+                    raise LayertapError(
+                        f"{lf}: {len(unlabeled)} row(s) have an empty '{lcol}' (line {rows_text}); give every "
+                        f"image a class, or remove the '{lcol}' column to extract without classes"
+                    )
         else:
-            with open(lf, encoding="utf-8") as f:
-                entries = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+            lines = io.StringIO(text, newline=None)  # universal newlines, as open() in text mode
+            entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not entries:
             raise LayertapError(f"the image list {lf} is empty")
         paths = [str((base / e).resolve()) if not os.path.isabs(e) else e for e in entries]
@@ -180,6 +189,64 @@ class ImageSet:
         return h.hexdigest()[:16]
 
 
+def _read_utf8(path: Path) -> str:
+    """A list file's text (UTF-8, a byte-order mark allowed), or a one-line error saying how to fix it."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise LayertapError(f"cannot read the image list {path}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise LayertapError(
+            f"the image list {path} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+            "save it as UTF-8, or point --images at the image folder instead"
+        ) from None
+
+
+def _scan_images(root: Path) -> tuple[list[Path], list[str]]:
+    """Image files under ``root`` (symlinks followed, hidden entries and symlink loops skipped).
+
+    Returns (files, special): ``special`` lists entries with an image extension that exist but
+    are not regular files (FIFOs, sockets, devices). A broken symlink stays in ``files``: it
+    becomes a skip record with its reason rather than vanishing from the run.
+    """
+    found: list[Path] = []
+    special: list[str] = []
+    seen: set[str] = set()
+    pending = [str(root)]
+    while pending:
+        folder = pending.pop()
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop (or a second link to a folder already listed)
+            continue
+        seen.add(real)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:  # an unreadable subfolder: say so, keep the rest (as os.walk does)
+            log.warning("cannot list %s: %s", folder, err.strerror or err)
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():  # follows symlinks
+                    subdirs.append(entry.path)
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    # is_file() reads the directory entry's type: no extra system call per image
+                    if entry.is_file() or not os.path.exists(entry.path):
+                        found.append(Path(entry.path))
+                    else:
+                        special.append(entry.path)
+            except OSError:
+                found.append(Path(entry.path))  # cannot even stat it: the decoder records why
+        # depth first in sorted order (as os.walk): of two links to one folder, the first in that order names it
+        pending.extend(sorted(subdirs, reverse=True))
+    return found, special
+
+
 def _find_things_concepts(root: Path, classes: list[str], required: bool) -> dict[str, str] | None:
     """Read THINGS' ``things_concepts.tsv`` next to, above, or in ``data/`` beside the images."""
     candidates = [
@@ -220,14 +287,20 @@ def load_rgb(path: str, exif_transpose: bool = True, draft: int | None = None) -
     Grayscale and palette images are expanded; 16-bit images are scaled to 8 bits (not clipped);
     CMYK is converted by PIL; transparent pixels are composited onto white. EXIF orientation is
     applied when ``exif_transpose`` (the photo as a viewer shows it). Decompression bombs (more
-    than twice PIL's ``MAX_IMAGE_PIXELS``) raise.
+    than twice PIL's ``MAX_IMAGE_PIXELS``, i.e. above ~179 megapixels by default) raise
+    ``PIL.Image.DecompressionBombError``; smaller images are decoded. A path that is not a regular
+    file (a FIFO, a socket, a device) raises ``OSError`` instead of blocking.
 
     ``draft`` (opt-in, see :func:`draft_size`): let libjpeg decode a JPEG at 1/2, 1/4 or 1/8
     scale as long as both sides stay >= ``draft`` pixels. 2-4x faster for large photos, but the
     pixels differ slightly from a full decode followed by the same resize.
     """
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the worker forever
+        raise OSError("not a regular file (a FIFO, socket or device)")
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # PIL warns above MAX_IMAGE_PIXELS and raises DecompressionBombError above twice that:
+        # images between the two are decoded (the warning would only spam the log).
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             if draft and img.format == "JPEG":
                 img.draft("RGB", (draft, draft))
@@ -264,6 +337,8 @@ class Batch:
     images: torch.Tensor
     indices: list[int]
     failed: list[tuple[int, str]]
+    #: (index, shape) of two images whose transformed tensors differ in shape (then nothing is stacked)
+    mixed_shapes: list[tuple[int, tuple[int, ...]]] | None = None
 
 
 def draft_size(transform: Any) -> int | None:
@@ -309,6 +384,10 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
     if not ok:
         return Batch(images=torch.empty(0), indices=[], failed=failed)
     first = ok[0][1]
+    odd = next(((i, t) for i, t in ok if t.shape != first.shape), None)
+    if odd is not None:  # the main process says so in one line (raising here would print a worker traceback)
+        pair = [(ok[0][0], tuple(first.shape)), (odd[0], tuple(odd[1].shape))]
+        return Batch(images=torch.empty(0), indices=[], failed=failed, mixed_shapes=pair)
     images = torch.empty((len(ok), *first.shape), dtype=first.dtype)
     if torch.utils.data.get_worker_info() is not None:
         # Stack straight into shared memory: sending a batch to the main process then moves no

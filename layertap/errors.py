@@ -24,3 +24,22 @@ def close_matches(name: str, candidates: list[str], n: int = 5) -> str:
         # Prefix / substring matches catch 'layer' -> 'layer1', which difflib ranks low.
         hits = [c for c in candidates if name.lower() in c.lower()][:n]
     return f" (did you mean: {', '.join(hits)}?)" if hits else ""
+
+
+#: True while the ``layertap`` command runs: messages then name its flags, not Python's keywords
+_cli_spelling = False
+
+
+def set_cli_spelling(on: bool) -> None:
+    """Make :func:`option_spelling` answer with command-line flags (the CLI sets this while it runs)."""
+    global _cli_spelling
+    _cli_spelling = on
+
+
+def option_spelling(name: str, value: object = True) -> str:
+    """An option as the user spells it: ``--overwrite`` / ``--weights random`` on the command line,
+    ``overwrite=True`` / ``weights='random'`` in Python."""
+    if _cli_spelling:
+        flag = f"--{name.replace('_', '-')}"
+        return flag if value is True else f"{flag} {value}"
+    return f"{name}={value!r}"

@@ -8,10 +8,15 @@ once every requested layer has produced all of its outputs.
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
+import math
 import os
 import platform
+import shutil
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,11 +26,12 @@ import torch
 from torch import nn
 
 from .data import ALPHA_BACKGROUND, ImageSet, iter_batches
-from .errors import LayertapError
+from .errors import LayertapError, option_spelling
 from .layers import output_tensor, resolve_layers, tappable
-from .models import LoadedModel, as_loaded, load_model
+from .layouts import CHANNELS_FIRST, CHANNELS_LAST, UNKNOWN, layer_layouts
+from .models import LoadedModel, as_loaded, check_seed, load_model
 from .reducers import Reducer, reducer_for
-from .storage import STORAGE_DTYPES, Run, RunWriter
+from .storage import ARRAYS, MANIFEST, PROGRESS, STORAGE_DTYPES, Run, RunWriter, disk_error
 
 log = logging.getLogger("layertap")
 
@@ -83,6 +89,11 @@ class Extractor:
         self.reducers: dict[str, Reducer] = {n: reducer_for(n, reduce) for n in self.layers}
         #: per layer, whether its reducer applied to its output (known after the first call)
         self.reduced: dict[str, bool] = {}
+        # Known from the modules, not the shapes: (B, C, H, W) and (B, H, W, C) look alike.
+        self.layouts = layer_layouts(self.module, tappable(self.model), self.layers)
+        #: the layout of each layer's 4-/5-D output where it matters: pooled by a spatial/time reducer,
+        #: or stored not channels-first (known after the first call; recorded in the manifest)
+        self.layout_used: dict[str, str] = {}
         self.flatten = flatten
         self.stop_early = stop_early
         self.calls: dict[str, int] | None = None
@@ -107,12 +118,27 @@ class Extractor:
             t = t.transpose(0, 1)
         reducer = self.reducers[name]
         self.reduced[name] = reducer.applies(t)
+        pooled = self.reduced[name] and reducer.kind in ("spatial", "time")
+        if t.ndim in (4, 5) and (pooled or self.layouts[name] != CHANNELS_FIRST):
+            self.layout_used[name] = self.layouts[name]
+        if pooled:
+            t = self._channels_first(name, t, reducer.spec)
         t = reducer(t, self.model.num_prefix_tokens)
         if self.flatten:
             t = t.reshape(t.shape[0], -1)
         if copy and t.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
             t = t.clone()  # a view would change under a later in-place op
         return t
+
+    def _channels_first(self, name: str, t: torch.Tensor, spec: str) -> torch.Tensor:
+        """``t`` as (B, C, H, W) / (B, C, T, H, W) for a spatial reducer, from either layout."""
+        layout = self.layouts[name]
+        if layout == UNKNOWN:
+            raise LayertapError(
+                f"--reduce {spec}: cannot tell whether layer {name}'s {tuple(t.shape)} output is channels-first or "
+                f"channels-last; store it unreduced (--reduce {name}=none) or tap the block that contains it"
+            )
+        return t.movedim(-1, 1) if layout == CHANNELS_LAST else t
 
     def _hook(self, name: str):  # noqa: ANN202
         def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
@@ -129,8 +155,17 @@ class Extractor:
         if self.compiled:
             return self
         modules = tappable(self.model)
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.layers]
+        self._handles = [self._register(modules, n) for n in self.layers]
         return self
+
+    def _register(self, modules: dict[str, nn.Module], name: str) -> Any:
+        """A forward hook on the layer; for ``input`` / ``MODULE:input`` (see :mod:`layertap.aliases`)
+        a forward pre-hook on the model / that module, which captures its first positional input."""
+        if name == "input" or name.endswith(":input"):
+            target = self.module if name == "input" else modules[name[: -len(":input")]]
+            hook = self._hook(name)
+            return target.register_forward_pre_hook(lambda m, args: hook(m, args, args[0] if args else None))
+        return modules[name].register_forward_hook(self._hook(name))
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
@@ -249,7 +284,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LayertapError(f"unknown device '{device}'; use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise LayertapError(f"--device {device}: layertap runs on cpu, cuda, cuda:N or mps (or auto)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LayertapError("--device cuda asked for, but no CUDA GPU is available; use --device cpu or auto")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -352,6 +392,7 @@ def extract(
     or torchrun when there is one. With ``merge``, the shard that finds all n complete merges
     them into ``out``, byte-identical to an unsharded run (see :func:`layertap.storage.merge_shards`).
     """
+    from .aliases import used_aliases
     from .cluster import resolve_shard, shard_dir
 
     if dtype not in STORAGE_DTYPES:
@@ -360,13 +401,31 @@ def extract(
         raise LayertapError(f"--on-error must be 'skip' or 'fail', not '{on_error}'")
     if batch_size < 1:
         raise LayertapError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise LayertapError(f"--workers must be 0 (decode in this process) or more, got {workers}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise LayertapError(f"--chunk-rows must be at least 1, got {chunk_rows} (leave it out for ~16 MB chunks)")
+    check_seed(seed)
     part = resolve_shard(shard)
     if part is not None and (str(device) == "auto" or os.environ.get("LAYERTAP_DEVICE")):
         from .cluster import shard_device
 
         device = shard_device()  # the launcher's device for this shard, or cuda:LOCAL_RANK under torchrun
     loaded = load_model(model, weights, seed=seed) if isinstance(model, str) else as_loaded(model)
-    imageset = images if isinstance(images, ImageSet) else ImageSet.from_path(images, things=things)
+    if loaded.provenance.get("weights", {}).get("kind") == "user-module":
+        from dataclasses import replace as _replace
+
+        from .models import module_fingerprint
+
+        # An in-memory module: its weights' content is part of the job (a resume must not mix models).
+        weights_id = {**loaded.provenance["weights"], "sha256": module_fingerprint(loaded.module)}
+        loaded = _replace(loaded, provenance={**loaded.provenance, "weights": weights_id})
+    if isinstance(images, ImageSet):
+        imageset = images
+    else:  # images, videos (frames or clips, by the model) or a stimulus array
+        from .stimuli import open_stimuli
+
+        imageset = open_stimuli(images, things=things, model=loaded)
     if fraction is not None:
         imageset = imageset.subset(fraction, seed)
     names = resolve_layers(loaded, layers)
@@ -427,6 +486,7 @@ def extract(
         "command": sys.argv if Path(sys.argv[0]).name == "layertap" else None,
         "model": loaded.provenance,
         "layers_requested": [layers] if isinstance(layers, str) else list(layers),
+        "layer_aliases": used_aliases(loaded, layers),  # alias asked for -> the real name stored
         "options": {**options, "workers": workers, "fraction": fraction},
         "decode": {
             "library": "PIL",
@@ -465,13 +525,14 @@ def extract(
         },
     }
     spec = {**job_spec(piece), "shard": [index, count]}
+    # _extract_into says what this shard stored (or that it was complete already): its path names the shard
     run = _extract_into(shard_dir(out, index, count), piece, spec, shard_manifest, tap, settings, overwrite)
-    log.info("shard %d/%d complete: %s", index, count, run.path)
     if merge:
         from .storage import try_merge
 
         merged = try_merge(out)
         if merged is not None:
+            log.info("all %d shards complete: merged %d images into %s", count, len(merged.images), merged.path)
             return merged
     return run
 
@@ -488,46 +549,194 @@ def _extract_into(
     """Extract ``imageset`` into the run directory ``out`` (create, resume, or find it complete)."""
     dev, use_cl, batch_size, workers, dtype, on_error, chunk_rows, exif_transpose, draft, progress = settings
     n = len(imageset)
-    writer = RunWriter(out, spec, overwrite=overwrite)
+    try:
+        writer = RunWriter(out, spec, overwrite=overwrite)
+    except LayertapError as err:
+        done = None if overwrite else _finished_read_only(out, spec, err)
+        if done is None:
+            raise
+        log.info("nothing to do: %s is complete (%d images; read-only)", out, len(done.images))
+        return done
     with writer:
-        if writer.already_complete:
-            log.info("%s is already complete; nothing to do (pass overwrite=True to redo it)", out)
+        if writer.already_complete and writer.damage:
+            _repair(writer, imageset, tap, settings)
             return Run(out)
-        writer.begin(manifest)
+        if writer.already_complete:
+            done = Run(out)
+            log.info(
+                "nothing to do: %s is complete (%d images; pass %s to redo it)",
+                out,
+                len(done.images),
+                option_spelling("overwrite"),
+            )
+            return done
+        t0 = time.perf_counter()
+        resuming = bool(writer.manifest)  # an unfinished run of this job was found
+        # every image listed from the start, so that the committed rows of a run still being written can be named
+        writer.begin({**manifest, "images": images_section(imageset, [])})
         start = writer.resume_image
-        if start:
-            log.info("resuming %s at image %d of %d", out, start, n)
+        if resuming:
+            log.info("resuming %s: %d of %d images done, %d to go", out, start, n, n - start)
         first = (start // batch_size) * batch_size  # same batches as the first attempt: same bytes
-        _run_batches(
-            tap,
-            imageset,
-            writer,
-            dev,
-            use_cl,
-            first,
-            start,
-            batch_size,
-            workers,
-            dtype,
-            on_error,
-            chunk_rows,
-            exif_transpose,
-            draft,
-            progress,
-        )
+        values = ValueLog(out / VALUES_LOG, start)
+        try:
+            _run_batches(
+                tap,
+                imageset,
+                writer,
+                values,
+                dev,
+                use_cl,
+                first,
+                start,
+                batch_size,
+                workers,
+                dtype,
+                on_error,
+                chunk_rows,
+                exif_transpose,
+                draft,
+                progress,
+            )
+        except LayertapError as err:
+            if err.exit_code == 2 and not resuming:  # bad input found in the first batches: leave no run behind
+                _discard_unstarted(writer, values)
+            raise
         skipped = writer.finish(n)
-        if not writer.has_layers:
-            raise LayertapError(f"none of the {n} images could be decoded (first error: {skipped[0][1]})")
+        # A shard may have no rows (more shards than batches, or all its images skipped): it is a
+        # complete shard all the same, and the merge takes its skip records.
+        if not writer.has_layers and "shard" not in spec:
+            first_error = skipped[0][1] if skipped else "no images"
+            raise LayertapError(f"none of the {n} images could be decoded (first error: {first_error})")
+        counts = values.summary(list(writer.manifest.get("layers", {})))
+        values.close()
         writer.complete(
             {
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "images": images_section(imageset, skipped),
                 "compiled": tap.compiled,
+                "values": counts,
             }
         )
+        values.close(remove=True)
+    warn_values(counts, dtype)
     if skipped:
         log.warning("%d of %d images could not be decoded and were skipped (listed in the manifest)", len(skipped), n)
-    return Run(out)
+    run = Run(out)
+    shapes = ", ".join(f"{name} {'x'.join(map(str, run[name].shape))}" for name in run.layers) or "no rows"
+    log.info(
+        "stored %s in %s: %d images in %.1f s, %d skipped, %d rows in all",
+        shapes,
+        out,
+        n - start,
+        time.perf_counter() - t0,
+        len([i for i, _ in skipped if i >= start]),
+        len(run.images),
+    )
+    return run
+
+
+class _RepairDone(Exception):
+    """Every damaged chunk is rewritten: the batch loop can stop."""
+
+
+class _Repair:
+    """Stands in for the RunWriter (and the value log) in :func:`_run_batches` while a complete
+    run's damaged chunks are recomputed: keeps the rows of those chunks, rewrites each chunk as
+    soon as all its rows are in, and ends the loop after the last one."""
+
+    has_layers = True
+
+    def __init__(self, writer: RunWriter, n_images: int, chunks: list[int]) -> None:
+        self.writer, self.manifest = writer, writer.manifest
+        skipped = {int(sk["index"]) for sk in writer.manifest["images"]["skipped"]}
+        stored = [i for i in range(n_images) if i not in skipped]  # row -> image: skips leave gaps
+        step = writer.chunk_rows
+        self.want: dict[int, tuple[int, int]] = {}  # image -> (chunk, row in the chunk)
+        self.left: dict[int, int] = {}
+        self.size: dict[int, int] = {}
+        for c in chunks:
+            rows = stored[c * step : (c + 1) * step]
+            self.left[c] = self.size[c] = len(rows)
+            self.want.update({img: (c, k) for k, img in enumerate(rows)})
+        self.first_image = min(self.want) if self.want else 0
+        self.buffers: dict[int, dict[str, np.ndarray]] = {}
+
+    def skip(self, image_index: int, reason: str) -> None:
+        pass  # recorded in the manifest already
+
+    def count(self, *args: Any) -> None:
+        pass  # the value counts of the run are in its manifest already
+
+    def add(self, features: dict[str, np.ndarray], image_indices: list[int]) -> None:
+        for k, img in enumerate(image_indices):
+            if img not in self.want:
+                continue
+            c, pos = self.want.pop(img)
+            buf = self.buffers.setdefault(c, {n: np.empty_like(b) for n, b in self.writer._buffers.items()})
+            for name in buf:
+                buf[name][pos] = features[name][k]
+            self.left[c] -= 1
+            if self.left[c] == 0:
+                self.writer.rewrite_chunk(c, self.buffers.pop(c), self.size[c])
+        if not self.want:
+            raise _RepairDone
+
+
+def _repair(writer: RunWriter, imageset: ImageSet, tap: Extractor, settings: tuple[Any, ...]) -> None:
+    """Recompute and rewrite the damaged chunks of a complete run (found by the check on open):
+    the same batches as the original run, so the repaired run is byte-identical to it."""
+    dev, use_cl, batch_size, workers, dtype, on_error, chunk_rows, exif_transpose, draft, _ = settings
+    chunks = sorted({c for ch in writer.damage.values() for c in ch})
+    sink = _Repair(writer, len(imageset), chunks)
+    log.info("%s: recomputing %d damaged chunk(s): %s", writer.path, len(chunks), ", ".join(map(str, chunks)))
+    first = (sink.first_image // batch_size) * batch_size
+    try:
+        _run_batches(
+            tap, imageset, sink, sink, dev, use_cl, first, sink.first_image, batch_size, workers, dtype,
+            on_error, chunk_rows, exif_transpose, draft, False,
+        )  # fmt: skip
+    except _RepairDone:
+        pass
+    if sink.want:
+        raise LayertapError(f"{writer.path}: could not recompute {len(sink.want)} image(s) of the damaged chunks")
+    writer.repaired()
+    log.info("%s: repaired", writer.path)
+
+
+def _discard_unstarted(writer: RunWriter, values: ValueLog) -> None:
+    """Remove a new run that failed before any row was committed (its manifest would block another
+    job in the same directory). The lock file stays: unlinking a lock others may wait on races."""
+    writer.close()
+    values.close()
+    if int(writer.progress.get("rows", 0)):
+        return  # rows were committed: keep them (the same command resumes)
+    for name in (MANIFEST, PROGRESS, VALUES_LOG):
+        (writer.path / name).unlink(missing_ok=True)
+    shutil.rmtree(writer.path / ARRAYS, ignore_errors=True)
+
+
+def _finished_read_only(out: Path, spec: dict[str, Any], err: LayertapError) -> Run | None:
+    """The complete run in ``out`` when it holds exactly this job but cannot be written (a read-only
+    file system or permissions): re-running a finished command then has nothing to do."""
+    cause = err.__context__  # disk_error() raises "from None": the OSError is still the context
+    if not isinstance(cause, OSError) or cause.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return None
+    try:
+        run = Run(out)
+    except (LayertapError, OSError, ValueError):
+        return None
+    return run if run.complete and run.manifest.get("spec") == spec else None
+
+
+def write_lines_atomic(path: Path, lines: list[str]) -> None:
+    """Replace ``path`` by ``lines`` (one per line) so that readers see the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(ln + "\n" for ln in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def images_section(imageset: ImageSet, skipped: list[tuple[int, str]]) -> dict[str, Any]:
@@ -541,6 +750,9 @@ def images_section(imageset: ImageSet, skipped: list[tuple[int, str]]) -> dict[s
         if imageset.targets is not None:
             row["target"] = imageset.targets[i]
             row["class"] = imageset.class_name(i)
+        row_fields = getattr(imageset, "row_fields", None)  # videos: frame, time; arrays: index, id
+        if row_fields is not None:
+            row.update(row_fields(i))
         rows.append(row)
     return {
         "root": imageset.root,
@@ -555,10 +767,152 @@ def images_section(imageset: ImageSet, skipped: list[tuple[int, str]]) -> dict[s
     }
 
 
+def _mixed_sizes(imageset: ImageSet, i: int, a: tuple[int, ...], j: int, b: tuple[int, ...]) -> str:
+    return (
+        f"the transform gave images of different sizes ({'x'.join(map(str, a))} for {imageset.relpath(imageset.paths[i])}, "
+        f"{'x'.join(map(str, b))} for {imageset.relpath(imageset.paths[j])}): your transform must resize "
+        "(and crop) every image to one fixed size"
+    )
+
+
+def _check_shapes(feats: dict[str, torch.Tensor], layers: dict[str, dict[str, Any]]) -> None:
+    """Refuse a batch whose outputs differ in name or shape from the arrays created for the first one."""
+    for key in sorted(set(feats) | set(layers)):
+        if key not in feats or key not in layers:
+            seen = "ran" if key in feats else "did not run"
+            raise LayertapError(
+                f"'{key}' {seen} in this batch's forward pass, unlike the first batch's: a layer must run the same "
+                "number of times for every batch; tap another layer"
+            )
+        got, want = list(feats[key].shape[1:]), list(layers[key]["shape"])
+        if got != want:
+            raise LayertapError(
+                f"layer '{key}' gave {'x'.join(map(str, got)) or 'a scalar'} per image in this batch but "
+                f"{'x'.join(map(str, want)) or 'a scalar'} before: its output shape changes between batches; tap a "
+                "layer with a fixed output shape (or pool it with --reduce avg)"
+            )
+
+
+#: storage dtype name -> the torch dtype values are converted to (on the device) before copying out
+STORAGE_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: per-image counts of non-finite values, kept until the run completes (resumed runs count old rows too)
+VALUES_LOG = "values.jsonl"
+
+
+class ValueLog:
+    """Counts NaN/inf in the model's outputs and values that overflow the storage dtype, per image.
+
+    The counts are taken on the device, batch by batch (``torch.isfinite``; one synchronisation
+    per batch). Images with a non-zero count are appended to ``out/values.jsonl`` *before* their
+    rows are handed to the writer, so after a kill the log covers every committed row; a resumed
+    run keeps the entries below its resume point and recounts the rest. :meth:`summary` gives the
+    manifest's ``values`` section.
+    """
+
+    def __init__(self, path: Path, start: int) -> None:
+        self.path = path
+        self.entries: dict[tuple[int, str], tuple[int, int]] = {}
+        if start and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    e = json.loads(line)
+                    if e["i"] < start:
+                        self.entries[(int(e["i"]), str(e["layer"]))] = (int(e["nonfinite"]), int(e["overflow"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a kill: its rows were not committed (written before them)
+        try:  # keep only what still counts; later batches append
+            write_lines_atomic(path, [self._line(i, k, *c) for (i, k), c in sorted(self.entries.items())])
+        except OSError as err:
+            raise disk_error(err, path) from None
+        self._file: Any = None
+
+    @staticmethod
+    def _line(i: int, layer: str, nonfinite: int, overflow: int) -> str:
+        return json.dumps({"i": i, "layer": layer, "nonfinite": nonfinite, "overflow": overflow})
+
+    def count(self, feats: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], rows: list[int]) -> None:
+        """Count per image: non-finite values of ``feats`` (float32), and values finite there but
+        not in ``stored`` (the storage dtype)."""
+        if not rows:
+            return
+        keys = list(feats)
+        bad = [torch.isfinite(feats[k]).logical_not_().reshape(len(rows), -1).sum(1) for k in keys]
+        bad_stored = [
+            bad[n] if stored[k] is feats[k] else torch.isfinite(stored[k]).logical_not_().reshape(len(rows), -1).sum(1)
+            for n, k in enumerate(keys)
+        ]
+        if not any(torch.stack([b.sum() for b in bad_stored]).tolist()):  # one sync; non-finite stays non-finite
+            return
+        lines = []
+        for k, b, bs in zip(keys, bad, bad_stored, strict=True):
+            b, over = b.cpu().tolist(), (bs - b).cpu().tolist()
+            for i, nf, ov in zip(rows, b, over, strict=True):
+                if nf or ov:
+                    self.entries[(i, k)] = (nf, ov)
+                    lines.append(self._line(i, k, nf, ov))
+        try:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._file.write("".join(ln + "\n" for ln in lines))
+            self._file.flush()
+            os.fsync(self._file.fileno())  # rare (only batches with such values): durable before the commit
+        except OSError as err:
+            raise disk_error(err, self.path) from None
+
+    def summary(self, layers: list[str]) -> dict[str, Any]:
+        """The manifest's ``values`` section: per layer, values and images affected."""
+        out: dict[str, Any] = {
+            "checked": "every stored value: NaN/inf in the model's float32 output ('nonfinite'), and finite values "
+            "that became inf in the storage dtype ('overflow')",
+            "nonfinite": dict.fromkeys(layers, 0),
+            "overflow": dict.fromkeys(layers, 0),
+            "nonfinite_images": dict.fromkeys(layers, 0),
+            "overflow_images": dict.fromkeys(layers, 0),
+        }
+        for (_, k), (nf, ov) in self.entries.items():
+            if k in out["nonfinite"]:
+                out["nonfinite"][k] += nf
+                out["overflow"][k] += ov
+                out["nonfinite_images"][k] += nf > 0
+                out["overflow_images"][k] += ov > 0
+        return out
+
+    def close(self, remove: bool = False) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if remove:
+            self.path.unlink(missing_ok=True)
+
+
+def warn_values(values: dict[str, Any], dtype: str) -> None:
+    """One warning line per layer with NaN/inf or storage overflow (counts from :meth:`ValueLog.summary`)."""
+    for layer, n in values.get("nonfinite", {}).items():
+        if n:
+            log.warning(
+                "layer %s: %d NaN/inf values in the model's output (%d images); stored as computed, counted in the "
+                "manifest ('values')",
+                layer,
+                n,
+                values["nonfinite_images"][layer],
+            )
+    for layer, n in values.get("overflow", {}).items():
+        if n:
+            log.warning(
+                "layer %s: %d values overflowed to inf in %s storage (%d images; finite in float32); "
+                "use --dtype float32 or bfloat16 to keep them",
+                layer,
+                n,
+                dtype,
+                values["overflow_images"][layer],
+            )
+
+
 def _run_batches(
     tap: Extractor,
     imageset: ImageSet,
     writer: RunWriter,
+    values: ValueLog,
     dev: torch.device,
     use_cl: bool,
     first: int,
@@ -575,19 +929,27 @@ def _run_batches(
     from tqdm.auto import tqdm
 
     n = len(imageset)
-    batches = iter_batches(
-        imageset.paths,
-        tap.model.transform,
-        batch_size,
-        start=first,
-        workers=workers,
-        pin_memory=dev.type == "cuda",
-        exif_transpose=exif_transpose,
-        draft=draft,
-    )
+    own_batches = getattr(imageset, "iter_batches", None)  # videos and arrays decode their own rows
+    if own_batches is not None:
+        batches = own_batches(tap.model.transform, batch_size, start=first, workers=workers, pin_memory=dev.type == "cuda")
+    else:
+        batches = iter_batches(
+            imageset.paths,
+            tap.model.transform,
+            batch_size,
+            start=first,
+            workers=workers,
+            pin_memory=dev.type == "cuda",
+            exif_transpose=exif_transpose,
+            draft=draft,
+        )
     bar = tqdm(total=n, initial=start, unit="img", desc="extract", disable=None if progress else True, smoothing=0.1)
+    input_shape: tuple[int, ...] | None = None
     with tap, bar:
         for batch in batches:
+            if batch.mixed_shapes:
+                (i, a), (j, b) = batch.mixed_shapes
+                raise LayertapError(_mixed_sizes(imageset, i, a, j, b))
             for idx, reason in batch.failed:
                 if idx < start:
                     continue  # recorded by the interrupted attempt
@@ -597,6 +959,11 @@ def _run_batches(
                 log.warning("skipping %s: %s", path, reason)
                 writer.skip(idx, reason)
             if batch.indices:
+                if input_shape is None:
+                    input_shape, first_image = tuple(batch.images.shape[1:]), batch.indices[0]
+                elif tuple(batch.images.shape[1:]) != input_shape:
+                    shape = tuple(batch.images.shape[1:])
+                    raise LayertapError(_mixed_sizes(imageset, first_image, input_shape, batch.indices[0], shape))
                 x = batch.images.to(dev, non_blocking=True)
                 if use_cl and x.ndim == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -608,10 +975,22 @@ def _run_batches(
                     for key, t in feats.items():
                         layer = key.split("#")[0]
                         info[key] = {"module": layer, "shape": list(t.shape[1:])}
-                        if tap.reduced.get(layer) and tap.reducers[layer].kind != "none":
-                            info[key]["reduce"] = tap.reducers[layer].spec
+                        reducer = tap.reducers[layer]
+                        if tap.reduced.get(layer) and reducer.kind != "none":
+                            info[key]["reduce"] = reducer.spec
+                        elif reducer.kind == "projection":  # D <= K units: nothing to reduce, say so
+                            units = math.prod(t.shape[1:])
+                            info[key]["reduce_skipped"] = f"{reducer.spec}: {units} units <= {reducer.max_units}"
+                        if layer in tap.layout_used:  # the tapped map's axes; spatial reducers store (C, ...)
+                            info[key]["layout"] = tap.layout_used[layer]
                     writer.create_layers(info, n, dtype, chunk_rows)
+                else:
+                    _check_shapes(feats, writer.manifest["layers"])
                 if len(keep) < len(batch.indices):
                     feats = {k: t[keep] for k, t in feats.items()}
-                writer.add({k: to_storage(t, dtype) for k, t in feats.items()}, [batch.indices[k] for k in keep])
+                rows = [batch.indices[k] for k in keep]
+                stored = {k: t.to(STORAGE_TORCH[dtype]) for k, t in feats.items()}  # a no-op for float32
+                values.count(feats, stored, rows)  # before add(): the log covers every row a commit covers
+                writer.add({k: to_storage(t, dtype) for k, t in stored.items()}, rows)
+                del stored
             bar.update(sum(1 for i in batch.indices if i >= start) + sum(1 for i, _ in batch.failed if i >= start))

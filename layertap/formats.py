@@ -26,6 +26,7 @@ text with the shape in a header line) and :func:`split_activations` / :func:`mer
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 import time
@@ -38,6 +39,8 @@ import numpy as np
 
 from .errors import LayertapError
 from .storage import LayerArray, Run, disk_error, open_run
+
+log = logging.getLogger("layertap")
 
 #: csv/parquet refuse layers with more values (images x units) than this: use npy or h5.
 MAX_TABLE_VALUES = 10_000_000
@@ -56,26 +59,54 @@ class _Index:
     class_names: list[str] | None  # the run's class list (target -> name)
 
 
-def _index(run: Run) -> _Index:
+def _index(run: Run, text: bool = False) -> _Index:
+    """The image index of ``run``. ``text``: names as valid Unicode text (see :func:`text_name`), for
+    formats that store UTF-8 (h5, MATLAB, parquet); otherwise exactly as in the manifest."""
     rows = run.manifest["images"]["rows"]
     has_t = bool(rows) and "target" in rows[0]
     has_c = bool(rows) and "class" in rows[0]
-    return _Index(
+    idx = _Index(
         paths=[r["path"] for r in rows],
         targets=np.array([r["target"] for r in rows], dtype=np.int64) if has_t else None,
         classes=[str(r["class"]) for r in rows] if has_c else None,
         class_names=run.classes,
     )
+    if not text:
+        return idx
+    return _Index(
+        paths=[text_name(p) for p in idx.paths],
+        targets=idx.targets,
+        classes=None if idx.classes is None else [text_name(c) for c in idx.classes],
+        class_names=None if idx.class_names is None else [text_name(c) for c in idx.class_names],
+    )
+
+
+def text_name(name: str) -> str:
+    """A file (or folder) name as valid Unicode text: bytes that are not UTF-8 (kept by Python as
+    lone surrogates, 'surrogateescape') become ``\\xNN`` escapes, e.g. ``b'\\xff.png'`` -> ``'\\\\xff.png'``.
+    Valid names are returned unchanged."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no file name decoded to: escape it as a code point
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+# Row fields of videos and stimulus arrays (several rows per file) that locate each row in its file.
+INDEX_EXTRA = ("id", "frame", "time", "sample_time", "start", "end", "index")
 
 
 def write_index(run: Run, path: Path) -> None:
-    """``images.csv``: one line per stored row (row, path, target, class), in array order."""
+    """``images.csv``: one line per stored row (row, path, target, class), in array order; runs of
+    videos or stimulus arrays add the columns of :data:`INDEX_EXTRA` their rows have."""
     rows = run.manifest["images"]["rows"]
+    extra = [k for k in INDEX_EXTRA if any(r.get(k) is not None for r in rows)]
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
-        w.writerow(["row", "path", "target", "class"])
+        w.writerow(["row", "path", "target", "class", *extra])
         for i, r in enumerate(rows):
-            w.writerow([i, r["path"], r.get("target", ""), r.get("class", "")])
+            w.writerow([i, r["path"], r.get("target", ""), r.get("class", ""), *("" if r.get(k) is None else r[k]
+                                                                               for k in extra)])
 
 
 def _out_dtype(arr: LayerArray, allow_half: bool = True) -> np.dtype:
@@ -142,7 +173,7 @@ def _write_csv(run: Run, layer: str, path: Path) -> None:
 def _write_parquet(run: Run, layer: str, path: Path) -> None:
     pa, pq = _need("pyarrow", "pyarrow.parquet")
     arr = run[layer]
-    idx = _index(run)
+    idx = _index(run, text=True)
     d = int(np.prod(arr.shape[1:]))
     dtype = _out_dtype(arr, allow_half=False)
     fields = [pa.field("row", pa.int64()), pa.field("path", pa.string())]
@@ -181,7 +212,7 @@ def _write_mat(run: Run, layer: str, path: Path) -> None:
     data = np.empty(arr.shape, dtype=_out_dtype(arr, allow_half=False))
     for start, block in arr.iter_chunks():  # scipy needs it all; fill without a second full copy
         data[start : start + len(block)] = block
-    idx = _index(run)
+    idx = _index(run, text=True)
     mdict: dict[str, Any] = {
         "activations": data,
         "layer": layer,
@@ -265,7 +296,7 @@ def _write_mat73(run: Run, layer: str, path: Path) -> None:
     h5py = _need("h5py")
     arr = run[layer]
     dtype = _out_dtype(arr, allow_half=False)
-    idx = _index(run)
+    idx = _index(run, text=True)
     mshape = arr.shape if arr.ndim > 1 else (*arr.shape, 1)
     hshape = tuple(reversed(mshape))  # (..., n): images on the last HDF5 axis
     row_bytes = max(1, int(np.prod(mshape[1:])) * dtype.itemsize)
@@ -304,7 +335,7 @@ def _write_h5(run: Run, layers: list[str], path: Path) -> None:
     import json
 
     _check_reserved(layers, "h5")
-    idx = _index(run)
+    idx = _index(run, text=True)
     with h5py.File(path, "w") as f:
         for layer in layers:
             arr = run[layer]
@@ -377,6 +408,8 @@ WRITERS: dict[str, Writer] = {
     "parquet": Writer(".parquet", _write_parquet, check=_check_table),
     "csv": Writer(".csv", _write_csv, check=_check_table),
 }
+#: formats that store names as UTF-8 text (non-UTF-8 file names are escaped there)
+_UTF8_FORMATS = ("h5", "mat", "mat73", "parquet")
 _ALIASES = {"hdf5": "h5", "mat7.3": "mat73", "mat-v7.3": "mat73", "torch": "pt", "pth": "pt", "text": "txt"}
 
 
@@ -424,22 +457,31 @@ def export(
         if w.check is not None:
             w.check(run, layer, fmt)
     dest = Path(out) if out is not None else run.path / f"export-{fmt}"
-    written = []
+    if fmt in _UTF8_FORMATS:
+        escaped = [p for p in run.images if text_name(p) != p]
+        if escaped:
+            log.warning(
+                "%d file name(s) are not UTF-8 (e.g. %s): written with \\xNN escapes; images.csv keeps the exact bytes",
+                len(escaped),
+                text_name(escaped[0]),
+            )
+    targets = [dest / f"{layer}{w.ext}" for layer in names] if w.per_layer else [dest / f"activations{w.ext}"]
     try:
         dest.mkdir(parents=True, exist_ok=True)
         if w.per_layer:
-            for layer in names:
-                path = dest / f"{layer}{w.ext}"
+            for layer, path in zip(names, targets, strict=True):
                 w.write(run, layer, path)
-                written.append(path)
         else:
-            path = dest / f"activations{w.ext}"
-            w.write(run, names, path)
-            written.append(path)
+            w.write(run, names, targets[0])
         write_index(run, dest / "images.csv")
-    except OSError as err:
-        raise disk_error(err, dest) from None
-    return [*written, dest / "images.csv"]
+    except BaseException as err:
+        # No partial export: a half-written file would look like a finished one.
+        for path in [*targets, dest / "images.csv"]:
+            path.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise disk_error(err, dest) from None
+        raise
+    return [*targets, dest / "images.csv"]
 
 
 # -- helpers for old pipelines: N-D activations as 2-D text, split / merge -----------------------------

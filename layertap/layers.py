@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .aliases import is_alias as _is_alias
+from .aliases import resolve_alias as _resolve_alias
 from .errors import LayertapError, close_matches
 from .models import LoadedModel, as_loaded
 
@@ -97,6 +99,10 @@ def resolve_layers(module: nn.Module | LoadedModel, layers: str | list[str]) -> 
                 )
         elif want in known:
             hits = [want]
+        elif want == "input" or (want.endswith(":input") and want[: -len(":input")] in known):
+            hits = [want]  # the model's input / a module's input (forward pre-hook)
+        elif _is_alias(want):
+            hits = [_resolve_alias(module, want)]
         else:
             raise LayertapError(
                 f"unknown layer '{want}'{close_matches(want, names)}; run 'layertap layers MODEL' to see the names"
@@ -151,6 +157,8 @@ def list_layers(model: nn.Module | LoadedModel, input_size: tuple[int, int, int]
     loaded = as_loaded(model)
     mod = loaded.module
     size = tuple(input_size or loaded.input_size)
+    if any(int(s) < 1 for s in size):
+        raise LayertapError(f"--input-size must be positive, got {'x'.join(map(str, size[-2:]))}")
     shapes: dict[str, tuple[int, ...] | None] = {}
     calls: dict[str, int] = {}
     handles = []
@@ -173,6 +181,13 @@ def list_layers(model: nn.Module | LoadedModel, input_size: tuple[int, int, int]
         device = next((p.device for p in mod.parameters()), torch.device("cpu"))
         with torch.inference_mode():
             mod(torch.zeros((1, *size), device=device))
+    except (RuntimeError, ValueError) as err:
+        if input_size is None:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LayertapError(
+            f"the model cannot run on {'x'.join(map(str, size[-2:]))} images ({first[:200]}); give a larger --input-size"
+        ) from None
     finally:
         for h in handles:
             h.remove()

@@ -14,17 +14,23 @@ provenance — goes through the functions here, so every source behaves the same
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from .errors import LayertapError, close_matches
+from .errors import LayertapError, close_matches, option_spelling
+from .hashing import file_sha256
 
 Transform = Callable[[Any], torch.Tensor]
 
@@ -86,16 +92,53 @@ def package_available(package: str) -> bool:
         return False
 
 
+def _short_reason(err: BaseException, limit: int = 160) -> str:
+    """One short clause for why a download failed: 'offline' in plain words, else the message cut at a word."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    low = text.lower()
+    offline_words = ("local cache", "offline", "name resolution", "network is unreachable", "connection")
+    if any(w in low for w in offline_words):
+        return "not in the local cache, and the internet cannot be reached"
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text
+
+
 def weights_unavailable(what: str, err: BaseException, where: str) -> LayertapError:
     """The one error for published weights that cannot be had (network, hub, cache or hash failure).
 
-    ``where`` says how to get them (e.g. where to put the file). Never followed by random weights.
+    Args:
+        what: what could not be loaded, e.g. ``"CLIP weights ViT-B-32/openai"``.
+        err: the library's exception (shortened to one clause, never cut mid-word).
+        where: how to get them (e.g. where to put the file). Never followed by random weights.
+
+    Returns:
+        The error to raise (exit code 1: the environment, not the input).
     """
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     return LayertapError(
-        f"cannot load {what} ({reason}); {where}; use weights='random' only if you want an untrained model",
+        f"cannot load {what} ({_short_reason(err)}); {where}; "
+        f"use {option_spelling('weights', 'random')} only if you want an untrained model",
         exit_code=1,
     )
+
+
+@contextmanager
+def library_root_logging() -> Iterator[None]:
+    """Keep libraries that log through the root logger (open_clip's ``logging.error``) from configuring it.
+
+    A bare ``logging.error(...)`` with no root handler calls ``logging.basicConfig()``, which prints
+    ``ERROR:root:...`` lines before layertap's own one-line error. A temporary NullHandler prevents
+    that; a root logger the user configured is left as it is.
+    """
+    root = logging.getLogger()
+    guard = logging.NullHandler() if not root.handlers else None
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        yield
+    finally:
+        if guard is not None:
+            root.removeHandler(guard)
 
 
 class Source(ABC):
@@ -151,15 +194,21 @@ def list_sources() -> list[str]:
     return list(_sources())
 
 
+def installed_sources(source: str | None = None) -> list[Source]:
+    """The installed sources, or just ``source`` (an unknown or uninstalled one is a one-line error)."""
+    srcs = _sources()
+    if source is None:
+        return [s for s in srcs.values() if s.available()]
+    if source not in srcs:
+        raise LayertapError(f"unknown model source '{source}'{close_matches(source, list(srcs))}")
+    if not srcs[source].available():
+        require(srcs[source].package or source, srcs[source].extra or source)  # raises the install hint
+    return [srcs[source]]
+
+
 def list_models(source: str | None = None) -> list[str]:
     """All loadable model names as ``source:name``, optionally for one source only."""
-    srcs = _sources()
-    if source is not None and source not in srcs:
-        raise LayertapError(f"unknown model source '{source}'{close_matches(source, list(srcs))}")
-    if source is not None and not srcs[source].available():
-        require(srcs[source].package or source, srcs[source].extra or source)  # raises the install hint
-    chosen = [srcs[source]] if source else [s for s in srcs.values() if s.available()]
-    return [f"{s.name}:{m}" for s in chosen for m in s.list_models()]
+    return [f"{s.name}:{m}" for s in installed_sources(source) for m in s.list_models()]
 
 
 def resolve_model_name(name: str) -> tuple[Source, str]:
@@ -197,8 +246,30 @@ def load_model(
     ``options`` go to the source (e.g. ``transform="validation"`` for IPCL, ``config={...}`` for
     Hugging Face models built from a config).
     """
+    check_seed(seed)
     src, model = resolve_model_name(name)
-    return src.load(model, weights_spec(weights), seed, **options)
+    loaded = src.load(model, weights_spec(weights), seed, **options)
+    if options:
+        # Options change the numbers (custom factories' arguments, configs): they are part of the
+        # provenance, hence of the job's identity that a resume compares.
+        text = re.sub(r" at 0x[0-9a-fA-F]+", "", json.dumps(options, sort_keys=True, default=_option_json))
+        loaded.provenance.setdefault("options", json.loads(text))
+    return loaded
+
+
+def _option_json(obj: Any) -> Any:
+    """JSON for an option value json cannot write: a set sorted (its order varies between processes
+    and with insertion history), anything else its repr."""
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    return repr(obj)
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` if torch and numpy can both use it (0 to 2**64 - 1), else a one-line error."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
+        raise LayertapError(f"--seed must be a whole number from 0 to {2**64 - 1}, got {seed}")
+    return int(seed)
 
 
 def weights_spec(weights: str | os.PathLike[str]) -> str | Path:
@@ -223,12 +294,26 @@ def seeded_build(builder: Callable[[], nn.Module], seed: int) -> nn.Module:
         return builder()
 
 
-def file_sha256(path: Path) -> str:
+def module_fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's parameters and buffers (names, dtypes, shapes, bytes): what an
+    in-memory model computes with, so that a run of other weights is never taken for this one.
+
+    Args:
+        module: the model.
+
+    Returns:
+        The hex digest (about 0.1 s per 100 MB of weights).
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for name, t in module.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{t.numel()};".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
     return h.hexdigest()
+
+
 
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
@@ -314,7 +399,8 @@ def imagenet_transform(resize: int = 256, crop: int = 224, interpolation: str = 
 
 def describe_transform(transform: Any) -> str:
     """A one-line, stable description of a transform for manifests."""
-    return " ".join(str(transform).split())
+    # without memory addresses (a function's repr has one), so that a resume in a new process agrees
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(transform).split()))
 
 
 def finish_loading(

@@ -22,6 +22,48 @@ from .storage import disk_error
 
 #: above this many classes, class names are not written on the axes (they would overlap)
 MAX_CLASS_LABELS = 40
+#: tick and legend font size (pt): readable when a 6-inch figure is printed at one-column width (~3.5 in)
+TICK_FONT = 9
+#: colour-bar labels: what an RDM's entries are, by metric, and what a similarity is, by method
+METRIC_LABELS = {
+    "correlation": "1 - Pearson r",
+    "euclidean": "Euclidean distance",
+    "sqeuclidean": "squared Euclidean distance",
+    "cosine": "1 - cosine similarity",
+}
+METHOD_LABELS = {
+    "rdm-spearman": "Spearman \u03c1 between RDMs",
+    "rdm-pearson": "Pearson r between RDMs",
+    "rdm-kendall_tau_a": "Kendall \u03c4a between RDMs",
+    "cka-linear": "linear CKA",
+    "cka-rbf": "RBF CKA",
+    "cka-linear-unbiased": "linear CKA (unbiased)",
+    "cka-rbf-unbiased": "RBF CKA (unbiased)",
+}
+
+
+def _title(ax: Any, title: str, width_in: float) -> None:
+    """Set a title wrapped to the figure's width (a long one would be cut off at the edges)."""
+    import textwrap
+
+    ax.set_title(textwrap.fill(title, max(20, int(width_in * 8))))
+
+
+def measure_label(name: str) -> str:
+    """The readable name of an RDM metric or a similarity method (``correlation`` -> ``1 - Pearson r``)."""
+    return METRIC_LABELS.get(name) or METHOD_LABELS.get(name) or name
+
+
+def _limits(values: np.ndarray) -> tuple[float, float]:
+    """Colour limits spanning the finite data (a constant matrix gets a small band around its value)."""
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return 0.0, 1.0
+    lo, hi = float(finite.min()), float(finite.max())
+    if lo == hi:  # a narrow band around the value (a fixed +-0.5 would push a correlation of 0.98 past 1)
+        pad = max(abs(lo) * 0.02, 1e-3)
+        return lo - pad, hi + pad
+    return lo, hi
 #: above this many classes, no boundary lines are drawn (they would cover the matrix)
 MAX_CLASS_LINES = 200
 
@@ -77,12 +119,15 @@ def plot_rdm(
     cmap: str = "viridis",
     figsize: tuple[float, float] = (6.0, 5.0),
     dpi: int = 150,
+    measure: str | None = None,
 ) -> Path:
     """Heatmap of an (N, N) RDM, rows/columns grouped by class, with class boundary lines and names.
 
     ``matrix``: RDM array or .npy/.csv/.mat path. ``targets``: (N,) integer class per image (e.g.
     ``run.targets``); ``classes``: names indexed by target (``run.classes``). Without targets the
-    RDM is drawn in its own order. Returns ``path`` (PNG/SVG/PDF by suffix).
+    RDM is drawn in its own order. ``measure``: the metric (``correlation``, ``euclidean``, ...) or a
+    label, written on the colour bar (default "dissimilarity"). Colours span the off-diagonal values.
+    Returns ``path`` (PNG/SVG/PDF by suffix).
     """
     d = load_matrix(matrix)
     if d.shape[0] != d.shape[1]:
@@ -91,8 +136,10 @@ def plot_rdm(
     d = d[np.ix_(order, order)]
     fig = _figure(figsize)
     ax = fig.add_subplot()
-    im = ax.imshow(d, cmap=cmap, interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="dissimilarity")
+    off = d[~np.eye(d.shape[0], dtype=bool)] if d.shape[0] > 1 else d.ravel()
+    lo, hi = _limits(off)  # the zero diagonal would otherwise set the lower limit
+    im = ax.imshow(d, cmap=cmap, interpolation="nearest", vmin=lo, vmax=hi)
+    fig.colorbar(im, ax=ax, label=measure_label(measure) if measure else "dissimilarity")
     if sorted_t is not None:
         starts = np.flatnonzero(np.r_[True, sorted_t[1:] != sorted_t[:-1]])
         ends = np.r_[starts[1:], len(sorted_t)]
@@ -103,8 +150,8 @@ def plot_rdm(
         if len(starts) <= MAX_CLASS_LABELS:
             centers = (starts + ends - 1) / 2.0
             names = _labels_for(sorted_t[starts], classes)
-            ax.set_xticks(centers, names, rotation=90, fontsize=8)
-            ax.set_yticks(centers, names, fontsize=8)
+            ax.set_xticks(centers, names, rotation=90, fontsize=TICK_FONT)
+            ax.set_yticks(centers, names, fontsize=TICK_FONT)
         else:
             ax.set_xlabel(f"images grouped by class ({len(starts)} classes)")
     else:
@@ -126,10 +173,16 @@ def plot_layer_similarity(
     annotate: bool | None = None,
     figsize: tuple[float, float] | None = None,
     dpi: int = 150,
+    measure: str | None = None,
+    row_title: str | None = None,
+    col_title: str | None = None,
 ) -> Path:
     """Heatmap of a layer x layer similarity matrix (from :func:`layertap.analysis.layer_similarity`).
 
-    Values are written in the cells when ``annotate`` (default: up to 15 x 15 cells). Returns ``path``.
+    Values are written in the cells when ``annotate`` (default: up to 15 x 15 cells). Colours span
+    the data's range off the diagonal (a layer with itself is 1 by definition). ``measure``: the
+    method (``rdm-spearman``, ``cka-linear``, ...) or a label for the colour bar; ``row_title`` /
+    ``col_title`` name the axes (e.g. the two models). Returns ``path``.
     """
     m = np.asarray(matrix, dtype=np.float64)
     if m.ndim != 2 or m.shape != (len(row_labels), len(col_labels)):
@@ -138,18 +191,22 @@ def plot_layer_similarity(
         figsize = (max(4.0, 1.6 + 0.45 * m.shape[1]), max(3.5, 1.4 + 0.4 * m.shape[0]))
     fig = _figure(figsize)
     ax = fig.add_subplot()
-    finite = m[np.isfinite(m)]
-    lo = min(0.0, float(finite.min())) if finite.size else 0.0
-    im = ax.imshow(m, cmap=cmap, vmin=lo, vmax=1.0, interpolation="nearest", aspect="auto")
-    fig.colorbar(im, ax=ax, label="similarity")
-    ax.set_xticks(np.arange(m.shape[1]), list(col_labels), rotation=90, fontsize=8)
-    ax.set_yticks(np.arange(m.shape[0]), list(row_labels), fontsize=8)
+    square = m.shape[0] == m.shape[1] and list(row_labels) == list(col_labels)
+    lo, hi = _limits(m[~np.eye(m.shape[0], dtype=bool)] if square and m.shape[0] > 1 else m)
+    im = ax.imshow(m, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest", aspect="auto")
+    fig.colorbar(im, ax=ax, label=measure_label(measure) if measure else "similarity")
+    ax.set_xticks(np.arange(m.shape[1]), list(col_labels), rotation=90, fontsize=TICK_FONT)
+    ax.set_yticks(np.arange(m.shape[0]), list(row_labels), fontsize=TICK_FONT)
+    if row_title:
+        ax.set_ylabel(row_title)
+    if col_title:
+        ax.set_xlabel(col_title)
     if annotate if annotate is not None else max(m.shape) <= 15:
-        mid = (lo + 1.0) / 2.0
+        mid = (lo + hi) / 2.0
         for (i, j), v in np.ndenumerate(m):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="black" if v > mid else "white")
     if title:
-        ax.set_title(title)
+        _title(ax, title, figsize[0])
     return _save(fig, path, dpi)
 
 
@@ -219,10 +276,57 @@ def plot_mds(
                 xy[sel, 0], xy[sel, 1], s=18, color=colours(k % colours.N), label=_labels_for(np.array([u]), classes)[0]
             )
         if len(uniq) <= MAX_CLASS_LABELS:
-            ax.legend(fontsize=7, loc="best", frameon=False)
+            ax.legend(fontsize=TICK_FONT, loc="best", frameon=False)
     ax.set_xlabel("MDS 1")
     ax.set_ylabel("MDS 2")
     ax.set_aspect("equal", adjustable="datalim")
     if title:
         ax.set_title(title)
+    return _save(fig, path, dpi)
+
+
+def plot_reference_bars(
+    scores: dict[str, float],
+    path: str | os.PathLike[str],
+    ci: dict[str, tuple[float, float]] | None = None,
+    *,
+    measure: str | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
+    dpi: int = 150,
+) -> Path:
+    """Bar chart of each layer's similarity with a reference, with confidence intervals.
+
+    Args:
+        scores: ``{layer: similarity}`` in layer order (from :func:`layertap.analysis.compare_to_reference`).
+        path: the figure file (.png, .svg, .pdf).
+        ci: ``{layer: (low, high)}`` (e.g. from :func:`layertap.results.bootstrap_ci`), drawn as error bars.
+        measure: the method or a label for the value axis.
+        title: the figure title.
+
+    Returns:
+        ``path``.
+    """
+    layers = list(scores)
+    values = np.array([scores[k] for k in layers], dtype=np.float64)
+    if figsize is None:
+        figsize = (max(4.0, 1.5 + 0.5 * len(layers)), 4.0)
+    fig = _figure(figsize)
+    ax = fig.add_subplot()
+    x = np.arange(len(layers))
+    err = None
+    if ci:
+        lows = np.array([ci[k][0] for k in layers])
+        highs = np.array([ci[k][1] for k in layers])
+        err = np.vstack([values - lows, highs - values]).clip(min=0)
+    ax.bar(x, values, color="#4c72b0", yerr=err, capsize=3, error_kw={"linewidth": 1})
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(x, layers, rotation=45 if len(layers) > 3 else 0, ha="right" if len(layers) > 3 else "center",
+                  fontsize=TICK_FONT)
+    ax.tick_params(axis="y", labelsize=TICK_FONT)
+    label = measure_label(measure) if measure else "similarity"
+    ax.set_ylabel(label + (" (95% bootstrap CI)" if ci else ""))
+    ax.set_xlabel("layer")
+    if title:
+        _title(ax, title, figsize[0])
     return _save(fig, path, dpi)

@@ -19,6 +19,7 @@ number of images. The output directory is an ordinary run (``layertap.open_run``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LayertapError
+from .errors import LayertapError, option_spelling
 from .storage import (
     ARRAYS,
     CHUNK_BYTES,
@@ -42,6 +43,7 @@ from .storage import (
     _zarr_create,
     disk_error,
     open_run,
+    read_json,
     write_json_atomic,
 )
 
@@ -130,6 +132,18 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)  # an all-zero vector stays zero
 
 
+def _require_finite(x: np.ndarray) -> np.ndarray:
+    """``x`` unchanged, or a one-line error when it holds NaN or inf (nothing can be fitted to them)."""
+    if not np.isfinite(x).all():
+        bad = ~np.isfinite(x)
+        raise LayertapError(
+            f"cannot fit PCA: the activations hold NaN/inf values ({int(bad.sum())} values in "
+            f"{int(bad.any(axis=1).sum())} images of one block); the run's manifest counts them per layer "
+            "('values'): drop those images or fix what makes the model produce them"
+        )
+    return x
+
+
 # -- PCA ----------------------------------------------------------------------------------------------
 class PCA:
     """Principal components of activations (images x units), fitted exactly or incrementally.
@@ -137,8 +151,9 @@ class PCA:
     ``n_components``: an int k, a float in (0, 1) (the fewest components whose explained
     variance reaches that fraction of the total), or None (all: min(images, units), at most
     ``max_components`` when incremental). ``method``: ``"exact"`` (SVD of the whole centred
-    matrix, float64), ``"incremental"`` (scikit-learn IncrementalPCA, ``partial_fit`` on blocks
-    of ``batch_rows`` >= components rows, so memory is O(batch_rows x units)), or ``"auto"``
+    matrix, float64), ``"incremental"`` (scikit-learn IncrementalPCA, ``partial_fit`` on batches
+    of ``batch_rows`` >= components rows, the batches ``IncrementalPCA(batch_size=batch_rows).fit``
+    uses, so memory is O(batch_rows x units)), or ``"auto"``
     (exact when the float64 matrix fits in ``memory_limit`` bytes). For a fraction, the
     incremental fit keeps ``min(images, units, max_components)`` components, then cuts.
 
@@ -193,7 +208,7 @@ class PCA:
 
     def fit(self, data: Run | LayerArray | np.ndarray | str | os.PathLike[str], layer: str | None = None) -> PCA:
         """Fit on ``data``: a Run (+ ``layer``), a LayerArray or an array (images, ...)."""
-        blocks = _as_blocks(data, layer)
+        blocks = _as_blocks(data, layer).with_steps(_require_finite)  # SVD on NaN: LinAlgError, no reason
         n, d = blocks.n, blocks.dim
         if n < 2:
             raise LayertapError(f"PCA needs at least 2 images, got {n}")
@@ -237,16 +252,18 @@ class PCA:
             k_fit = min(n, d, self.max_components)
         batch = max(k_fit, self.batch_rows or _block_rows(d))
         ipca = IncrementalPCA(n_components=k_fit)
-        # Every partial_fit needs >= k_fit rows: hold back up to one batch so the last one is full.
+        # The batches of IncrementalPCA(batch_size=batch).fit (sklearn's gen_batches): `batch` rows
+        # each, except that a remainder of fewer than k_fit rows (too few for a partial_fit) joins
+        # the last batch. Rows are read at most `batch` at a time, so at most ~2 batches are held.
         buf: list[np.ndarray] = []
-        held = 0
-        for _, x in blocks:
+        held = fitted = 0
+        for _, x in _Blocks(blocks.arrays, min(blocks.rows, batch), blocks.steps):
             buf.append(x)
             held += len(x)
-            if held >= 2 * batch:
+            while held >= batch and fitted + batch + k_fit <= n:
                 cat = np.concatenate(buf)
                 ipca.partial_fit(cat[:batch])
-                buf, held = [cat[batch:]], held - batch
+                buf, held, fitted = [cat[batch:]], held - batch, fitted + batch
         if held:
             ipca.partial_fit(np.concatenate(buf))
         self.mean_ = np.asarray(ipca.mean_, dtype=np.float64)
@@ -499,16 +516,21 @@ class _NewRun:
         self.src, self.path = src, Path(out)
         if self.path.resolve() == src.path.resolve():
             raise LayertapError("the output must be a new directory, not the source run")
+        self._created = not self.path.exists()
         if (self.path / MANIFEST).is_file():
-            if not overwrite:
-                raise LayertapError(f"{self.path} already holds a run; pass overwrite=True or choose another out")
+            # An unfinished output of an interrupted postprocess (killed: nothing could clean up) is ours to replace.
+            if not overwrite and not _unfinished_postprocess(self.path):
+                raise LayertapError(
+                    f"{self.path} already holds a run; pass {option_spelling('overwrite')} or choose another output"
+                )
             for stale in (ARRAYS, "pca"):
                 shutil.rmtree(self.path / stale, ignore_errors=True)
         elif self.path.is_dir() and any(self.path.iterdir()):
-            raise LayertapError(f"{self.path} is not empty and not a run; choose another out")
+            raise LayertapError(f"{self.path} is not empty and not a run; choose another output")
         self.manifest = copy.deepcopy(src.manifest)
         self.manifest["layers"] = {}
         self.manifest["status"] = "running"
+        self.manifest[_UNFINISHED] = str(src.path)  # marks an unfinished postprocess output; removed when complete
         self.chunk_rows: list[int] = []
         try:
             (self.path / ARRAYS).mkdir(parents=True, exist_ok=True)
@@ -541,8 +563,20 @@ class _NewRun:
         self.manifest["layers"][name] = {**info, "shape": list(row_shape), "dtype": "float32"}
         self.chunk_rows.append(rows)
 
+    def discard(self) -> None:
+        """Remove what this output wrote (after a failure): no unfinished run is left behind."""
+        for stale in (ARRAYS, "pca"):
+            shutil.rmtree(self.path / stale, ignore_errors=True)
+        for name in (MANIFEST, MANIFEST + ".tmp"):
+            (self.path / name).unlink(missing_ok=True)
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only if empty
+
     def complete(self, record: dict[str, Any]) -> Run:
         from . import __version__
+
+        self.manifest.pop(_UNFINISHED, None)
 
         record = {**record, "source": str(self.src.path), "layertap": __version__}
         self.manifest["postprocessing"] = [*self.src.manifest.get("postprocessing", []), record]
@@ -556,6 +590,19 @@ class _NewRun:
         except OSError as err:
             raise disk_error(err, self.path) from None
         return open_run(self.path)
+
+
+#: manifest key of a postprocess output being written (the source run's path)
+_UNFINISHED = "postprocessing_unfinished"
+
+
+def _unfinished_postprocess(path: Path) -> bool:
+    """Whether ``path`` holds an unfinished postprocess output (safe to replace), not a run of its own."""
+    try:
+        manifest = read_json(path / MANIFEST)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("status") != "complete" and _UNFINISHED in manifest
 
 
 def _source(run: Run | str | os.PathLike[str]) -> Run:
@@ -601,6 +648,23 @@ def postprocess(
     if isinstance(projection, (int, np.integer)):
         projection = SparseRandomProjection(int(projection), seed=seed)
     dest = _NewRun(src, out, overwrite)
+    try:
+        return _postprocess_into(dest, src, names, center, normalize, pca, projection)
+    except BaseException:
+        dest.discard()
+        raise
+
+
+def _postprocess_into(
+    dest: _NewRun,
+    src: Run,
+    names: list[str],
+    center: bool,
+    normalize: bool,
+    pca: int | float | PCA | dict[str, PCA] | None,
+    projection: SparseRandomProjection | None,
+) -> Run:
+    """The body of :func:`postprocess`, writing into ``dest``."""
     steps: list[dict[str, Any]] = []
     if center:
         steps.append({"op": "center", "over": "images", "per": "unit"})
@@ -617,7 +681,10 @@ def postprocess(
         if pca is not None:
             model = _pca_for(pca, name)
             if not model.fitted:
-                model.fit(blocks)
+                try:
+                    model.fit(blocks)
+                except LayertapError as err:
+                    raise LayertapError(f"layer {name}: {err}", err.exit_code) from None
             path = model.save(dest.path / "pca" / f"{name}.npz")
             fits[name] = {**model.record(), "file": str(path.relative_to(dest.path))}
             dest.write(name, blocks.with_steps(model._project), (model.n_components_,), info)
@@ -707,20 +774,24 @@ def feature_map_ensemble(
     scores = model.transform(blocks)
     if out is not None:
         dest = _NewRun(src, out, overwrite)
-        path = model.save(dest.path / "pca" / "ensemble.npz")
-        dest.write("ensemble", _Blocks([scores]), (scores.shape[1],), {"module": None, "derived_from": names})
-        dest.complete(
-            {
-                "steps": [
-                    {
-                        "op": "feature_map_ensemble",
-                        "layers": list(layers),
-                        "penultimate": penultimate,
-                        "normalize_layers": normalize_layers,
-                        "pca": {**model.record(), "file": str(path.relative_to(dest.path))},
-                    }
-                ],
-                "layers": names,
-            }
-        )
+        try:
+            path = model.save(dest.path / "pca" / "ensemble.npz")
+            dest.write("ensemble", _Blocks([scores]), (scores.shape[1],), {"module": None, "derived_from": names})
+            dest.complete(
+                {
+                    "steps": [
+                        {
+                            "op": "feature_map_ensemble",
+                            "layers": list(layers),
+                            "penultimate": penultimate,
+                            "normalize_layers": normalize_layers,
+                            "pca": {**model.record(), "file": str(path.relative_to(dest.path))},
+                        }
+                    ],
+                    "layers": names,
+                }
+            )
+        except BaseException:
+            dest.discard()
+            raise
     return (scores, model) if return_pca else scores

@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "stereo_motorcycle"]
 
@@ -115,3 +115,15 @@ def reference_batch(paths: list[str], model_name: str) -> torch.Tensor:
 
     tf = tvm.get_model_weights(model_name).DEFAULT.transforms()
     return torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+
+
+def independent_rgb(path: Path) -> Image.Image:
+    """The image as a viewer shows it on white, decoded here without layertap's decoder."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode.startswith("I;16"):  # 16-bit gray: scaled to 8 bits, 65535 -> 255
+            return Image.fromarray(np.rint(np.asarray(img, np.float64) / 257).astype(np.uint8)).convert("RGB")
+        if img.mode in ("RGBA", "LA", "P") and (img.mode != "P" or "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return img.convert("RGB")

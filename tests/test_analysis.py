@@ -230,6 +230,29 @@ def test_linear_cka_biased_against_hsic(shape: tuple[int, int, int]) -> None:
     assert an.cka(X, Y) == pytest.approx(feat, rel=1e-10)
 
 
+def test_linear_cka_in_many_blocks_with_a_large_offset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Real-world sizes run the feature-space formula over many row blocks: force 9 blocks of 7 rows
+    # on data far from 0 (the shifted-data sums then need their final centring correction).
+    n, px, py = 60, 5, 3
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(n, px)) + 1e3
+    Y = X[:, :2] @ rng.normal(size=(2, py)) + rng.normal(size=(n, py)) - 1e3
+    steps: list[int] = []
+    real = an._centered_cross_products
+
+    def spy(rx, ry, step):  # noqa: ANN001, ANN202
+        steps.append(step)
+        return real(rx, ry, step)
+
+    monkeypatch.setattr(an, "_centered_cross_products", spy)
+    monkeypatch.setattr(an, "BLOCK_BYTES", 8 * (px + py) * 7)
+    got = an.cka(X, Y)
+    assert steps == [7]  # the blocked path, in ceil(60 / 7) = 9 blocks
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)  # the plain formula on full matrices
+    assert got == pytest.approx(ref_cka(Xc @ Xc.T, Yc @ Yc.T), rel=1e-10)
+    assert 0.2 < got < 0.99  # related, not identical: a wrong correction cannot hide at 0 or 1
+
+
 def test_rbf_cka_biased_against_hsic() -> None:
     rng = np.random.default_rng(8)
     X, Y = rng.normal(size=(12, 6)), rng.normal(size=(12, 4))
@@ -384,10 +407,17 @@ def test_layer_similarity_one_run(run: lt.Run) -> None:
 
 
 def test_layer_similarity_two_runs(run: lt.Run, tmp_path: Path) -> None:
-    copy = Path(shutil.copytree(run.path, tmp_path / "copy"))
-    m, rows, cols = an.layer_similarity(run, copy, method="cka-linear")
+    # another network (other random weights) on the same images: every entry against the plain formula
+    images = Path(run.manifest["images"]["root"])
+    other = lt.extract("alexnet", images, LAYERS, tmp_path / "other", weights="random", seed=1, workers=0, batch_size=4)
+    m, rows, cols = an.layer_similarity(run, other, method="cka-linear")
     assert rows == ["A:" + n for n in LAYERS] and cols == ["B:" + n for n in LAYERS]
-    np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-12)
+    for i, a in enumerate(LAYERS):
+        for j, b in enumerate(LAYERS):
+            x, y = flat(run, a), flat(other, b)
+            assert m[i, j] == pytest.approx(ref_cka(x @ x.T, y @ y.T), rel=1e-8), (a, b)
+    assert not np.allclose(m, 1.0)  # different networks: not the trivial answer
+    copy = Path(shutil.copytree(run.path, tmp_path / "copy"))
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["images"]["rows"] = manifest["images"]["rows"][::-1]
     (copy / "manifest.json").write_text(json.dumps(manifest))
@@ -579,3 +609,115 @@ def test_cli_rdm_and_compare(run: lt.Run, tmp_path: Path, capsys: pytest.Capture
     ]:
         with pytest.raises(LayertapError, match=msg):
             cli(*argv)
+
+
+# -- missing pairs (NaN) in RDMs ------------------------------------------------------------------
+
+
+def rdm_pair_with_missing(n: int = 12, seed: int = 21) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two RDMs (the second with ties) and a symmetric mask of 4 missing pairs."""
+    rng = np.random.default_rng(seed)
+    a = squareform(pdist(rng.normal(size=(n, 5))))
+    b = squareform(np.round(pdist(rng.normal(size=(n, 5))), 1))
+    mask = np.zeros((n, n), dtype=bool)
+    for i, j in [(0, 3), (2, 7), (5, 11), (4, 9)]:
+        mask[i, j] = mask[j, i] = True
+    return a, b, mask
+
+
+def test_is_rdm_with_missing_pairs() -> None:
+    a, _, mask = rdm_pair_with_missing()
+    nan = np.where(mask, np.nan, a)
+    assert an.is_rdm(nan)
+    with_nan_diagonal = nan.copy()
+    np.fill_diagonal(with_nan_diagonal, np.nan)
+    assert an.is_rdm(with_nan_diagonal)
+    one_sided = a.copy()
+    one_sided[0, 3] = np.nan  # NaN at (0, 3) but not at (3, 0): not an RDM
+    assert not an.is_rdm(one_sided)
+    assert not an.is_rdm(np.full((4, 4), np.nan))
+    responses = np.random.default_rng(0).normal(size=(12, 12))
+    responses[0, 3] = responses[3, 0] = np.nan
+    assert not an.is_rdm(responses)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"), [("pearson", "corr"), ("spearman", "spearman"), ("kendall_tau_a", "tau-a")]
+)
+def test_compare_rdms_leaves_out_missing_pairs_like_rsatoolbox(
+    ours: str, theirs: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NaN pairs are left out of both RDMs (counted in a warning): equal to rsatoolbox's own compare on
+    the same RDMs and to scipy / the tau-a loop on the pairs that are not NaN."""
+    rsatoolbox = pytest.importorskip("rsatoolbox")
+    a, b, mask = rdm_pair_with_missing()
+    a_nan, b_nan = np.where(mask, np.nan, a), np.where(mask, np.nan, b)
+    keep = ~mask[np.triu_indices(len(a), k=1)]
+    ua, ub = an.upper_triangle(a)[keep], an.upper_triangle(b)[keep]
+    scipy_value = {
+        "pearson": lambda: stats.pearsonr(ua, ub)[0],
+        "spearman": lambda: stats.spearmanr(ua, ub)[0],
+        "kendall_tau_a": lambda: ref_tau_a(ua, ub),
+    }[ours]()
+    theirs_value = rsatoolbox.rdm.compare(
+        rsatoolbox.rdm.RDMs(an.upper_triangle(a_nan)[None]), rsatoolbox.rdm.RDMs(an.upper_triangle(b_nan)[None]), theirs
+    )[0, 0]
+    with caplog.at_level("WARNING", logger="layertap"):
+        both = an.compare_rdms(a_nan, b_nan, ours)  # the same pairs missing in both
+        one = an.compare_rdms(a, b_nan, ours)  # missing in one only (a complete model RDM vs brain data)
+    assert both == pytest.approx(theirs_value, abs=1e-12)
+    assert both == pytest.approx(scipy_value, abs=1e-12)
+    assert one == pytest.approx(both, abs=1e-15)
+    assert caplog.text.count("4 of 66 pairs are missing (NaN) and were left out") == 2
+
+    conflicting = b.copy()
+    conflicting[1, 2] = conflicting[2, 1] = np.nan
+    with pytest.raises(ValueError, match="different nan positions"):  # rsatoolbox refuses it too
+        rsatoolbox.rdm.compare(
+            rsatoolbox.rdm.RDMs(an.upper_triangle(a_nan)[None]),
+            rsatoolbox.rdm.RDMs(an.upper_triangle(conflicting)[None]),
+        )
+    with pytest.raises(LayertapError, match=r"different positions \(4 pairs missing only in the first, 1 only"):
+        an.compare_rdms(a_nan, conflicting, ours)
+
+
+def test_constant_images_warned_by_name(caplog: pytest.LogCaptureFixture) -> None:
+    x = np.random.default_rng(3).normal(size=(5, 8))
+    x[1] = 2.5  # a constant row: correlation distance undefined
+    x[3] = 0.0  # constant and zero: undefined for cosine too
+    names = [f"img{i}.jpg" for i in range(5)]
+    with caplog.at_level("WARNING", logger="layertap"):
+        d = an.rdm(x, labels=names, what="fc7")
+    expected = squareform(pdist(x, "correlation"), checks=False)
+    np.testing.assert_allclose(d, expected, rtol=1e-12, atol=1e-12)  # NaN where scipy has NaN
+    assert np.isnan(d[1, 0]) and np.isnan(d[3, 4])
+    assert "fc7: 2 of 5 images have constant activations" in caplog.text
+    assert "img1.jpg, img3.jpg" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="layertap"):
+        an.rdm(x, "cosine")
+    assert "1 of 5 images have all-zero activations" in caplog.text and "row 3" in caplog.text
+
+
+def test_compare_reference_with_missing_pairs(
+    run: lt.Run, tmp_path: Path, layertap_cli, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A layer against its own RDM with missing pairs: still an RDM, Spearman 1 (the old code took the
+    reference for a response matrix and gave 0.5); against another reference, scipy on the shared pairs."""
+    own = an.rdm(run["classifier.4"])
+    own[0, 4] = own[4, 0] = own[2, 3] = own[3, 2] = np.nan
+    with caplog.at_level("WARNING", logger="layertap"):
+        got = an.compare_to_reference(run, own, layers="classifier.4")
+    assert got["classifier.4"] == pytest.approx(1.0, abs=1e-12)
+    assert "2 of 15 pairs are missing (NaN)" in caplog.text
+
+    keep = ~np.isnan(squareform(own, checks=False))
+    other = an.upper_triangle(an.rdm(run["features.2"]))
+    got = an.compare_to_reference(run, own, layers="features.2", method="rdm-pearson")
+    assert got["features.2"] == pytest.approx(stats.pearsonr(other[keep], squareform(own, checks=False)[keep])[0])
+
+    ref = tmp_path / "brain_rdm.npy"
+    np.save(ref, own)
+    proc = layertap_cli("compare", str(run.path), "--reference", str(ref), "--layers", "classifier.4", check=True)
+    assert proc.stdout.split() == ["classifier.4", "1.0000"], proc.stdout
+    assert "2 of 15 pairs are missing (NaN) and were left out" in proc.stderr

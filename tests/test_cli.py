@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import layertap as lt
@@ -105,7 +107,9 @@ def test_interactive_mode(layertap_cli, image_dir: Path, tmp_path: Path) -> None
         input="features.99\nclassifier.4 features.1\n",
         check=True,
     )
-    assert "(classifier): Sequential(" in proc.stdout  # the model was printed
+    assert "(classifier): Sequential(" not in proc.stdout  # not the nn.Module repr, but the layers table
+    assert re.search(r"^  classifier\.4 +Linear +4096 +16,781,312$", proc.stdout, re.M)
+    assert re.search(r"^penultimate +classifier\.6:input +4096$", proc.stdout, re.M)  # with the aliases
     assert "unknown layer 'features.99'" in proc.stderr  # a typo is answered, then asked again
     assert lt.open_run(out).layers == ["classifier.4", "features.1"]
 
@@ -243,10 +247,11 @@ def test_postprocess_analysis_and_formats_from_the_command_line(layertap_cli, im
     x = x - x.mean(0)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     u, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
-    want = (x - x.mean(0)) @ vt[:3].T
+    vt = vt[:3] * np.sign(vt[np.arange(3), np.abs(vt[:3]).argmax(1)])[:, None]  # largest |loading| > 0
+    want = (x - x.mean(0)) @ vt.T
     got = processed["classifier.4"][:]
     assert got.shape == (9, 3)
-    np.testing.assert_allclose(np.abs(got), np.abs(want), rtol=1e-3, atol=1e-4)  # components up to sign
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)  # signs included: the documented convention
     from scipy.io import loadmat
 
     mat = loadmat(out / "processed" / "export-mat" / "classifier.4.mat")
@@ -285,8 +290,20 @@ def test_postprocess_analysis_and_formats_from_the_command_line(layertap_cli, im
     np.testing.assert_allclose(r, 1 - np.corrcoef(raw["classifier.4"][:].astype(np.float64)), atol=1e-6)
     assert (tmp_path / "rdm.png").stat().st_size > 1000
     proc = layertap_cli("compare", str(out), "--method", "cka-linear", "--out", str(tmp_path / "cmp.csv"), check=True)
-    assert (tmp_path / "cmp.csv").read_text().count("\n") >= 3, proc.stdout
     assert proc.stdout.splitlines()[0].split() == ["features.5", "features.12", "classifier.4"]  # full labels
+    import csv
+
+    with open(tmp_path / "cmp.csv", newline="") as f:
+        table = list(csv.reader(f))
+    names = ["features.5", "features.12", "classifier.4"]
+    assert table[0] == ["", *names] and [r[0] for r in table[1:]] == names
+    acts = {n: raw[n][:].reshape(9, -1).astype(np.float64) for n in names}
+    for r, a in zip(table[1:], names, strict=True):
+        for value, b in zip(r[1:], names, strict=True):
+            xc, yc = acts[a] - acts[a].mean(0), acts[b] - acts[b].mean(0)  # linear CKA with centred Grams
+            k, m = xc @ xc.T, yc @ yc.T
+            want = np.sum(k * m) / (np.linalg.norm(k) * np.linalg.norm(m))
+            assert float(value) == pytest.approx(want, rel=1e-8), (a, b)
 
 
 def test_random_projection_on_the_fly_matches_offline(image_dir: Path, tmp_path: Path) -> None:
@@ -316,3 +333,49 @@ def test_extract_compiled_matches_reference(layertap_cli, image_dir: Path, tmp_p
     ref = reference_outputs(ref_model, reference_batch(paths, "resnet18"), layers)
     for layer in layers:
         np.testing.assert_allclose(run[layer][:], ref[layer][0].numpy(), rtol=1e-4, atol=1e-4, err_msg=layer)
+
+
+def test_extract_says_what_it_did_once(
+    image_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished run re-run says only 'nothing to do' (not also 'stored ...'); an interrupted run says
+    where it resumes (images done / total, from its cursor); a finished one what it stored. The CLI's
+    main() runs in this process (its stderr captured) to keep the test fast."""
+    import json
+    import logging
+
+    from layertap import cli, storage
+
+    logger = logging.getLogger("layertap")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))  # main() installs its own handler
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(logger, "level", logger.level)
+    out = tmp_path / "acts"
+    args = ["extract", "--model", "alexnet", "--weights", "random", "--layers", "classifier.4", "--images"]
+    args += [str(image_dir), "--out", str(out), "--batch-size", "2", "--chunk-rows", "2", "--workers", "0"]
+
+    original, calls = storage.RunWriter.add, []
+
+    def interrupted_add(self: storage.RunWriter, *a: object, **k: object) -> None:
+        original(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C after two batches
+
+    with monkeypatch.context() as m:
+        m.setattr(storage.RunWriter, "add", interrupted_add)
+        assert cli.main(args) == 130
+    capsys.readouterr()
+    done = json.loads((out / "progress.json").read_text())["next_image"]
+    assert 0 < done < 9 and not lt.open_run(out).complete
+
+    assert cli.main(args) == 0
+    resumed = capsys.readouterr().err
+    assert f"layertap: resuming {out}: {done} of 9 images done, {9 - done} to go" in resumed
+    assert f"layertap: stored classifier.4 9x4096 in {out}: {9 - done} images in " in resumed
+    assert ", 0 skipped, 9 rows in all" in resumed
+
+    assert cli.main(args) == 0
+    again = capsys.readouterr().err
+    lines = [line for line in again.splitlines() if "RANDOM" not in line]
+    assert lines == [f"layertap: nothing to do: {out} is complete (9 images; pass --overwrite to redo it)"], again

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import photo
+from conftest import make_class_folder, photo
 from PIL import Image
 
 import layertap as lt
@@ -122,7 +126,7 @@ def test_simulated_job_array_merges_byte_identical(stimuli: Path, unsharded: lt.
     proc = subprocess.run(
         [sys.executable, "-m", "layertap", "merge", str(out)], capture_output=True, text=True, env=_clean_env()
     )
-    assert proc.returncode == 1 and "shards of 4 missing: 2" in proc.stderr
+    assert proc.returncode == 1 and "(4 shards expected; missing: 2)" in proc.stderr
     env = _clean_env(SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_COUNT="4")
     subprocess.run(
         [sys.executable, "-m", "layertap", "extract", *ARGS, "--images", str(stimuli), "--out", str(out), "-q"],
@@ -139,7 +143,8 @@ def test_simulated_job_array_merges_byte_identical(stimuli: Path, unsharded: lt.
         text=True,
         env=_clean_env(),
     )
-    assert again.returncode == 0 and "already complete" in again.stderr
+    assert again.returncode == 0 and f"nothing to do: {out} is complete (28 images" in again.stderr
+    assert "stored" not in again.stderr
 
 
 def test_cancelled_shard_resumes_and_merge_waits(
@@ -234,13 +239,14 @@ def test_real_slurm_job_array_and_merge_job(stimuli: Path, unsharded: lt.Run, tm
                 "--submit",
                 "--",
                 *ARGS,
-                "--images",
-                str(stimuli),
+                "--images",  # relative paths, as a user types them: the scripts must not depend on them
+                os.path.relpath(stimuli, tmp_path),
                 "--out",
-                str(out),
+                "run",
             ],
             capture_output=True,
             text=True,
+            cwd=tmp_path,
             env={**_clean_env(), "SLURM_CONF": cluster.env["SLURM_CONF"]},
         )
         assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -250,7 +256,115 @@ def test_real_slurm_job_array_and_merge_job(stimuli: Path, unsharded: lt.Run, tm
         assert (out / "manifest.json").exists(), f"merge job did not produce the run:\n{logs}\n{cluster.logs()}"
         assert_same_store(lt.open_run(out), unsharded)
         assert len(list((out / "slurm" / "logs").glob("extract-*_*.out"))) == 4
+        for log in (out / "slurm" / "logs").glob("extract-*_*.out"):  # each task says what it stored
+            assert "layertap: stored features.5 " in log.read_text() and " rows in all" in log.read_text()
         assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
     finally:
         cluster.stop()
         shutil.rmtree(tmp_path / "slurm", ignore_errors=True)
+
+
+TINY_NET = """
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 5, stride=8)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.conv(x).relu()).flatten(1))
+
+
+def build():
+    return Tiny()
+"""
+
+
+def test_slurm_scripts_resolve_relative_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Relative --images/--out/--weights/--model file.py:factory are written as absolute paths, so the
+    array task's command works from any directory (Slurm starts it elsewhere); its log says what it stored."""
+    import torch
+
+    from layertap import cli
+
+    project, elsewhere = tmp_path.resolve() / "project", tmp_path / "elsewhere"
+    make_class_folder(project / "imgs", per_class=2, classes=("a", "b"))
+    (project / "net.py").write_text(TINY_NET)
+    torch.manual_seed(0)
+    module = lt.load_model(str(project / "net.py") + ":build", weights="random").module
+    torch.save(module.state_dict(), project / "w.pt")
+    elsewhere.mkdir()
+    monkeypatch.chdir(project)
+    args = ["--model", "net.py:build", "--weights", "w.pt", "--layers", "conv", "fc", "--images", "imgs"]
+    assert cli.main(["slurm", "--shards", "2", "--", *args, "--out=acts", "--batch-size", "2", "--workers", "0"]) == 0
+    capsys.readouterr()
+
+    script = (project / "acts" / "slurm" / "extract.sbatch").read_text()
+    for path in (f"{project}/net.py:build", f"{project}/w.pt", f"{project}/imgs", f"--out={project}/acts"):
+        assert f" {path} " in script, path
+    assert f"#SBATCH --chdir={project}\n" in script
+    command = next(line for line in script.splitlines() if line.startswith("exec "))
+    env = _clean_env(SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_COUNT="2")
+    proc = subprocess.run(["bash", "-c", command], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    logs = [proc.stderr]
+    # task 1 in this process (faster), from the other directory too: the command's arguments after 'layertap'
+    monkeypatch.chdir(elsewhere)
+    for key, value in {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "2"}.items():
+        monkeypatch.setenv(key, value)
+    logger = logging.getLogger("layertap")
+    for name in ("handlers", "propagate", "level"):  # main() installs its own log handler
+        monkeypatch.setattr(logger, name, copy.copy(getattr(logger, name)))
+    assert cli.main(shlex.split(command)[4:]) == 0
+    logs.append(capsys.readouterr().err)
+    for task, log in enumerate(logs):  # each task's log says what it stored
+        shard = project / "acts" / "shards" / f"{task:05d}-of-00002"
+        assert f"stored conv 2x4x28x28, fc 2x3 in {shard}: 2 images in " in log, log
+        assert ", 0 skipped, 2 rows in all" in log
+    merge = (project / "acts" / "slurm" / "merge.sbatch").read_text()
+    assert f"layertap merge {project / 'acts'}\n" in merge
+    merged = lt.storage.merge_shards(project / "acts")
+    kw = {"weights": project / "w.pt", "batch_size": 2, "workers": 0, "progress": False, "shard": None}
+    direct = lt.extract(f"{project}/net.py:build", project / "imgs", ["conv", "fc"], tmp_path / "direct", **kw)
+    assert merged.images == direct.images and len(direct.images) == 4
+    for layer in ("conv", "fc"):
+        assert merged[layer][:].tobytes() == direct[layer][:].tobytes(), layer
+
+
+def test_slurm_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from layertap.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["slurm", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--cpus-per-task", "4"), ("--mem", "16G"), ("--time", "04:00:00")):
+        assert re.search(rf"{option} \S+\s.*?\(default: {default}\)", text), option
+
+
+def test_absolute_paths_of_every_path_option(tmp_path: Path) -> None:
+    from layertap.cluster import absolute_paths
+
+    tmp_path = tmp_path.resolve()  # what the paths resolve to, symlinks followed
+    for name in ("imgs", "hfmodel", "acts"):
+        (tmp_path / name).mkdir()
+    for name in ("list.txt", "net.py", "w.pt", "config.json"):
+        (tmp_path / name).write_text("")
+    args = ["-i", "list.txt", "-o", "acts", "--model", "custom:net.py:build", "--model_path", "w.pt", "--option"]
+    args += ["config=config.json", "--option", "transform=validation", "--weights=random", "--layers", "w.pt"]
+    assert absolute_paths(args, tmp_path) == [
+        "-i", f"{tmp_path}/list.txt", "-o", f"{tmp_path}/acts", "--model", f"custom:{tmp_path}/net.py:build",
+        "--model_path", f"{tmp_path}/w.pt", "--option", f"config={tmp_path}/config.json",
+        "--option", "transform=validation", "--weights=random", "--layers", "w.pt",
+    ]  # fmt: skip
+    assert absolute_paths(["--model", "hf:hfmodel", "--weights", "IMAGENET1K_V1"], tmp_path) == [
+        "--model", f"hf:{tmp_path}/hfmodel", "--weights", "IMAGENET1K_V1",
+    ]  # fmt: skip
+    assert absolute_paths(["--model", "alexnet", "--images=/data/x", "--out=../o"], tmp_path) == [
+        "--model", "alexnet", "--images=/data/x", f"--out={tmp_path.parent}/o",
+    ]  # fmt: skip

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import photo
 from PIL import Image
 
@@ -99,10 +100,20 @@ def test_fraction_is_reproducible_and_ordered(image_dir: Path) -> None:
         s.subset(1.5)
 
 
-def test_shards_are_disjoint_and_cover(image_dir: Path) -> None:
-    s = ImageSet.from_path(image_dir)
-    shards = [s.shard(i, 4) for i in range(4)]
-    assert sum((sh.paths for sh in shards), []) == s.paths
+@pytest.mark.parametrize("align", [1, 2, 4, 5])
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_shards_are_disjoint_and_cover(image_dir: Path, count: int, align: int) -> None:
+    s = ImageSet.from_path(image_dir)  # 9 images
+    shards = [s.shard(i, count, align=align) for i in range(count)]
+    assert sum((sh.paths for sh in shards), []) == s.paths  # disjoint, in order, nothing left out
+    for sh in shards:
+        assert sh.targets == [s.targets[s.paths.index(p)] for p in sh.paths]
+    starts = [sh.selection["shard_offset"] for sh in shards]
+    assert starts == [sum(len(x) for x in shards[:i]) for i in range(count)]
+    # every cut sits on a batch boundary (or at the end): each shard computes whole batches of the unsharded run
+    assert all(b % align == 0 or b == len(s) for b in starts[1:])
+    batches = [-(-len(sh) // align) for sh in shards]
+    assert sum(batches) == -(-len(s) // align) and max(batches) - min(batches) <= 1  # balanced in batches
 
 
 def test_missing_and_empty_inputs(tmp_path: Path) -> None:
@@ -114,9 +125,17 @@ def test_missing_and_empty_inputs(tmp_path: Path) -> None:
 
 
 def test_mixed_formats_extract(flat_dir: Path, tmp_path: Path) -> None:
-    run = lt.extract("alexnet", flat_dir, ["features.2"], tmp_path / "r", weights="random", workers=0, batch_size=4)
+    from conftest import independent_rgb, reference_outputs
+    from torchvision.models import AlexNet_Weights
+
+    model = lt.load_model("alexnet", weights="random")
+    run = lt.extract(model, flat_dir, ["features.2"], tmp_path / "r", workers=0, batch_size=4)
     assert run["features.2"].shape[0] == 11 and not run.skipped
-    assert np.isfinite(run["features.2"][:]).all()
+    # each row is the model's output for its image, decoded and preprocessed without layertap
+    tf = AlexNet_Weights.DEFAULT.transforms()
+    x = torch.stack([tf(independent_rgb(flat_dir / p)) for p in run.images])
+    want = reference_outputs(model.module, x, ["features.2"])["features.2"][0].numpy()
+    np.testing.assert_allclose(run["features.2"][:], want, rtol=1e-4, atol=1e-4)
 
 
 def test_fast_decode_is_opt_in_close_and_recorded(tmp_path: Path) -> None:

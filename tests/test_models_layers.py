@@ -18,7 +18,11 @@ SEED_MODELS = ["alexnet", "resnet50", "resnet101", "vgg13", "vgg13_bn", "vgg16",
 def test_registry_lists_every_torchvision_classifier() -> None:
     names = lt.list_models()
     assert "torchvision:alexnet" in names and "torchvision:vit_b_16" in names
-    assert len(lt.list_models("torchvision")) == len(tvm.list_models(module=tvm))
+    # the image classifiers plus torchvision.models.video (r3d_18, s3d, mvit_v2_s, swin3d_t, ...)
+    assert len(lt.list_models("torchvision")) == len(tvm.list_models(module=tvm)) + len(
+        tvm.list_models(module=tvm.video)
+    )
+    assert "torchvision:r3d_18" in names and "torchvision:swin3d_t" in names
     assert "torchvision" in lt.list_sources()
 
 
@@ -92,16 +96,29 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path: Path) -> None:
 
 
 class _Evil:
-    def __reduce__(self):  # noqa: ANN204 - a pickle that would run code when loaded
-        return (print, ("pwned",))
+    """A pickle that runs code when loaded: it creates the file ``marker`` (its visible side effect)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.marker, "w"))
 
 
-def test_weights_file_cannot_run_code(tmp_path: Path) -> None:
-    f = tmp_path / "evil.pt"
-    with open(f, "wb") as fh:
-        pickle.dump({"state_dict": _Evil()}, fh)
-    with pytest.raises(lt.LayertapError, match="cannot read weights file"):
-        lt.load_model("alexnet", weights=f)
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_weights_file_cannot_run_code(tmp_path: Path, writer: str) -> None:
+    f, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    payload = {"state_dict": {"features.0.weight": torch.zeros(1), "hook": _Evil(marker)}}
+    if writer == "pickle":
+        with open(f, "wb") as fh:
+            pickle.dump(payload, fh)
+    else:
+        torch.save(payload, f)
+    try:
+        with pytest.raises(lt.LayertapError, match="cannot read weights file"):
+            lt.load_model("alexnet", weights=f)
+    finally:
+        assert not marker.exists(), "loading the weights file ran the code in its pickle"
     with pytest.raises(lt.LayertapError, match="weights file not found"):
         lt.load_model("alexnet", weights="missing/weights.pt")
 

@@ -140,7 +140,8 @@ def test_pca_exact_matches_svd_and_sklearn() -> None:
     # reference 1: numpy SVD of the centred matrix
     xc = x - x.mean(axis=0)
     _, s, vt = np.linalg.svd(xc, full_matrices=False)
-    np.testing.assert_allclose(align_signs(p.components_, vt[:5]), vt[:5], atol=1e-8)
+    vt = vt[:5] * np.sign(vt[np.arange(5), np.abs(vt[:5]).argmax(1)])[:, None]  # documented: largest |loading| > 0
+    np.testing.assert_allclose(p.components_, vt, atol=1e-8)  # signs included
     np.testing.assert_allclose(p.explained_variance_, s[:5] ** 2 / (len(x) - 1), rtol=1e-10)
     np.testing.assert_allclose(p.explained_variance_ratio_, s[:5] ** 2 / np.sum(s**2), rtol=1e-10)
     # reference 2: scikit-learn
@@ -148,8 +149,8 @@ def test_pca_exact_matches_svd_and_sklearn() -> None:
     np.testing.assert_allclose(p.explained_variance_ratio_, sk.explained_variance_ratio_, rtol=1e-8)
     scores = p.transform(x)
     assert scores.shape == (300, 5) and scores.dtype == np.float32
-    ref = sk.transform(x)
-    np.testing.assert_allclose(align_signs(scores.astype(np.float64), ref, axis=1), ref, rtol=1e-5, atol=1e-4)
+    ref = xc @ vt.T
+    np.testing.assert_allclose(scores, ref, rtol=1e-5, atol=1e-4)
     assert np.all(np.diff(p.explained_variance_) < 0)
 
 
@@ -235,6 +236,8 @@ def test_srp_shape_determinism_density() -> None:
     nonzero = r[r != 0]
     assert abs((r != 0).mean() - 1 / math.sqrt(d)) < 0.2 / math.sqrt(d)  # density 1/sqrt(D)
     np.testing.assert_allclose(np.abs(nonzero), math.sqrt(math.sqrt(d) / k))  # +-sqrt(1/(density k))
+    positive = float((nonzero > 0).mean())  # and the signs: +/- with probability 1/2 each (~3200 draws)
+    assert abs(positive - 0.5) < 4 * 0.5 / math.sqrt(len(nonzero)), positive
     np.testing.assert_allclose(ya, x.astype(np.float64) @ r, rtol=1e-5, atol=1e-4)  # plain matrix product
 
 
@@ -292,9 +295,10 @@ def test_feature_map_ensemble(run: lt.Run, tmp_path: Path) -> None:
     )
     concat = np.concatenate([flat(run[name][:]) for name in ("features.2", "features.5", "classifier.4")], axis=1)
     sk = SkPCA(4).fit(concat)
-    ref = sk.transform(concat)
-    assert scores.shape == (6, 4)
-    np.testing.assert_allclose(align_signs(scores.astype(np.float64), ref, axis=1), ref, rtol=1e-4, atol=1e-2)
+    comps = sk.components_ * np.sign(sk.components_[np.arange(4), np.abs(sk.components_).argmax(1)])[:, None]
+    ref = (concat - sk.mean_) @ comps.T  # the documented sign: each component's largest |loading| > 0
+    assert scores.shape == (6, 4) and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())  # float32 rounding
     assert np.all(np.diff(fit.explained_variance_) <= 0)
     np.testing.assert_allclose(fit.explained_variance_ratio_, sk.explained_variance_ratio_, rtol=1e-6)
     ens = lt.open_run(tmp_path / "ens")
@@ -487,3 +491,52 @@ def test_output_chunks_gathered_from_smaller_blocks(
     out = pp.postprocess(run, tmp_path / "small", ["classifier.4"], pca=3)
     assert out["classifier.4"].chunk_rows == 4
     np.testing.assert_allclose(out["classifier.4"][:], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "batch"), [(300, 50), (307, 50), (303, 50)])
+def test_pca_incremental_honours_batch_rows(n: int, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """partial_fit sees exactly the batches IncrementalPCA(batch_size=batch_rows).fit uses (a remainder
+    shorter than k joins the last batch), so the fit equals scikit-learn's to float64 rounding, and no
+    call holds more than batch_rows + k rows (memory bounded by batch_rows, not by the images)."""
+    from sklearn.decomposition import IncrementalPCA
+    from sklearn.utils import gen_batches
+
+    x = lowrank(n=n, rank=12, seed=3)  # rank 12 > k = 5: every batch boundary changes the result
+    sizes: list[int] = []
+    original = IncrementalPCA.partial_fit
+
+    def spy(self: IncrementalPCA, X: np.ndarray, *args: object, **kwargs: object) -> IncrementalPCA:
+        sizes.append(len(X))
+        return original(self, X, *args, **kwargs)
+
+    monkeypatch.setattr(IncrementalPCA, "partial_fit", spy)
+    p = pp.PCA(5, method="incremental", batch_rows=batch).fit(x)
+    ours = list(sizes)
+    sk = IncrementalPCA(n_components=5, batch_size=batch).fit(x)
+    assert ours == [s.stop - s.start for s in gen_batches(n, batch, min_batch_size=5)]
+    assert max(ours) < batch + 5
+    np.testing.assert_allclose(align_signs(p.components_, sk.components_), sk.components_, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(p.explained_variance_, sk.explained_variance_, rtol=1e-9)
+    np.testing.assert_allclose(p.singular_values_, sk.singular_values_, rtol=1e-9)
+    np.testing.assert_allclose(p.mean_, sk.mean_, rtol=1e-12)
+    ref = sk.transform(x)
+    got = p.transform(x).astype(np.float64)  # float32 scores
+    np.testing.assert_allclose(align_signs(got, ref, axis=1), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_srp_leaves_layers_with_k_units_or_fewer_alone(image_dir: Path, tmp_path: Path) -> None:
+    """--reduce srp:1000 on AlexNet: classifier.4 (4096 units) is projected, classifier.6 (1000 units)
+    has nothing to reduce: stored exactly as a plain hooked forward gives it, and the manifest says so."""
+    from conftest import reference_batch, reference_outputs
+
+    model = lt.load_model("alexnet", weights="random", seed=2)
+    layers = ["classifier.4", "classifier.6"]
+    run = lt.extract(model, image_dir, layers, tmp_path / "srp", workers=0, reduce="srp:1000:3", progress=False)
+    ref = reference_outputs(model.module, reference_batch([str(image_dir / p) for p in run.images], "alexnet"), layers)
+    np.testing.assert_allclose(run["classifier.6"][:], ref["classifier.6"][0].numpy(), rtol=1e-5, atol=1e-5)
+    want = pp.SparseRandomProjection(1000, seed=3).apply_numpy(ref["classifier.4"][0].numpy())
+    np.testing.assert_allclose(run["classifier.4"][:], want, rtol=1e-4, atol=1e-4)
+    info = run.manifest["layers"]
+    assert info["classifier.4"]["reduce"] == "srp:1000:3" and "reduce_skipped" not in info["classifier.4"]
+    assert "reduce" not in info["classifier.6"]
+    assert info["classifier.6"]["reduce_skipped"] == "srp:1000:3: 1000 units <= 1000"

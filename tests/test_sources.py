@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import reference_outputs
+from conftest import photo, reference_outputs
 from PIL import Image
 
 import layertap as lt
@@ -157,11 +158,57 @@ def test_clip_resnet_and_text_cli(layertap_cli, image_dir: Path, tmp_path: Path)
         check=True,
     )
     assert "2 text embeddings" in proc.stderr
+    # the same loud warning as extract, and none of open_clip's root-logger lines
+    assert "using RANDOM (untrained) weights, seed 0" in proc.stderr and "root:" not in proc.stderr
     feats = np.load(tmp_path / "txt" / "text_features.npy")
     want = ltclip.encode_text(
         lt.load_model("clip:ViT-B-32", weights="random", seed=0), ["aardvark", "abacus"], templates=["a photo of a {}"]
     )
     np.testing.assert_allclose(feats, want, **TOL)
+
+
+def test_text_offline_is_one_whole_line(layertap_cli, tmp_path: Path) -> None:
+    """No cached OpenAI weights and no internet: one error line, whole words, the CLI's spelling."""
+    (tmp_path / "t.txt").write_text("cat\ndog\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
+    env.update({"HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    env.pop("HF_HUB_CACHE", None)
+    proc = layertap_cli(
+        "text", "--model", "clip:ViT-B-32", "--texts", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"), env=env
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("layertap: error: cannot load CLIP weights ViT-B-32/openai (not in the local cache")
+    assert str(tmp_path / "hf" / "hub" / "models--timm--vit_base_patch32_clip_224.openai") in lines[0]
+    assert lines[0].endswith("use --weights random only if you want an untrained model")
+    assert "weights='random'" not in lines[0]
+
+
+def test_option_json_errors_say_where(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from layertap.cli import main
+
+    args = ["extract", "--model", "hf:vit", "--weights", "random", "--layers", "x", "--images", str(tmp_path)]
+    code = main([*args, "--out", str(tmp_path / "o"), "--option", "config={hidden_size: 384}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--option config: invalid JSON at column 2 (Expecting property name enclosed in double quotes)" in err
+    assert "mapping" not in err and "internet" not in err
+    # plain words stay strings; valid JSON is parsed
+    from layertap.cli import _options
+
+    assert _options(["transform=validation", 'config={"hidden_size": 8}', "n=3"]) == {
+        "transform": "validation",
+        "config": {"hidden_size": 8},
+        "n": 3,
+    }
+    # the library says what a Python user writes; the command line says --weights random
+    with pytest.raises(lt.LayertapError, match=r"config must be a mapping"):
+        lt.load_model("hf:vit", weights="random", config="{hidden_size: 384}")
+    with pytest.raises(lt.LayertapError, match=r"use weights='random'"):
+        lt.load_model("hf:vit")
+    assert main(["extract", "--model", "hf:vit", "--layers", "x", "--images", str(tmp_path), "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "or use --weights random" in err and "weights='random'" not in err
 
 
 # -- Hugging Face ----------------------------------------------------------------------------------
@@ -186,6 +233,37 @@ def test_hf_hidden_states_by_index(image_dir: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(run["hidden_states.0"][:], out.hidden_states[0].numpy(), **TOL)
     np.testing.assert_allclose(run["hidden_states.2"][:], out.hidden_states[2].numpy(), **TOL)
     np.testing.assert_allclose(run["output"][:], out.last_hidden_state.numpy(), **TOL)
+
+
+def test_hf_model_type_uses_its_default_image_processor() -> None:
+    """A bare model type preprocesses as its hub checkpoints' processor class does by default."""
+    import transformers
+
+    imgs = [Image.fromarray(photo("astronaut", 1, (300, 240))), Image.fromarray(photo("coffee", 2, (200, 260)))]
+
+    def same(model: lt.LoadedModel, processor) -> None:
+        for img in imgs:
+            want = processor(images=img, return_tensors="pt")["pixel_values"][0]
+            torch.testing.assert_close(model.transform(img), want, rtol=0, atol=1e-6)
+        assert model.input_size == tuple(want.shape)
+
+    small = {k: v for k, v in TINY_VIT.items() if k != "image_size"}
+    vit = lt.load_model("hf:vit", weights="random", config=small)  # squash to 224 x 224, mean = std = 0.5
+    same(vit, transformers.ViTImageProcessor())
+    assert vit.provenance["transform"].startswith("ViTImageProcessor(") and "0.5, 0.5, 0.5" in vit.provenance["transform"]
+    # a config of another image size: the same processor at that size
+    at64 = transformers.ViTImageProcessor(size={"height": 64, "width": 64})
+    same(lt.load_model("hf:vit", weights="random", config=TINY_VIT), at64)
+    # the user's processor settings win
+    stats = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    custom = lt.load_model("hf:vit", weights="random", config=small, processor=stats)
+    same(custom, transformers.ViTImageProcessor(**stats))
+    assert custom.provenance["processor"] == stats
+    # shortest-edge + crop processors (DINOv2's BitImageProcessor), ConvNeXt's crop_pct processor
+    same(lt.load_model("hf:dinov2", weights="random", config=small), transformers.BitImageProcessor())
+    tiny_cnx = {"hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}
+    cnx = lt.load_model("hf:convnext", weights="random", config=tiny_cnx)  # config image_size 224: crop 224
+    same(cnx, transformers.ConvNextImageProcessor(size={"shortest_edge": 224}))
 
 
 def test_hf_register_tokens_are_excluded_from_mean(image_dir: Path, tmp_path: Path) -> None:
@@ -239,6 +317,11 @@ def test_ipcl_pretrained_from_cache_and_transforms(tmp_path: Path, monkeypatch: 
     torch.manual_seed(8)
     net = AlexNetGN()
     torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, cache)
+    import hashlib
+
+    from layertap.sources import ipcl  # our file stands in for the released one: its hash prefix too
+
+    monkeypatch.setitem(ipcl.SHA256_PREFIX, "ipcl8", hashlib.sha256(cache.read_bytes()).hexdigest()[:10])
     stim = lt.load_model("ipcl:ipcl8")
     assert torch.equal(stim.module.conv_block_1[0].weight, net.conv_block_1[0].weight)
     assert stim.provenance["weights"]["kind"] == "pretrained" and stim.provenance["ipcl_transform"] == "stimulus"

@@ -182,5 +182,10 @@ def test_export_round_trip(image_dir: Path, tmp_path: Path) -> None:
         back = np.loadtxt(tmp_path / "txt" / f"{layer}.txt", dtype=np.float32).reshape(a.shape)
         np.testing.assert_array_equal(back, a)
     index = (tmp_path / "npy" / "images.csv").read_text().splitlines()
-    assert index[0] == "row,path,target,class" and index[1].startswith("0,cat/img00.jpg,0,cat")
+    # every row against the folder itself: sorted relative paths, class = subfolder, target = its rank
+    files = sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*.jpg"))
+    classes = sorted({f.split("/")[0] for f in files})
+    want = [f"{i},{f},{classes.index(f.split('/')[0])},{f.split('/')[0]}" for i, f in enumerate(files)]
+    assert index == ["row,path,target,class", *want]
+    assert index == (tmp_path / "txt" / "images.csv").read_text().splitlines()
     assert len(npy) == len(txt) == 3

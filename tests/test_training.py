@@ -455,6 +455,45 @@ def test_ddp_two_processes_match_one(data: dict[str, Path], tmp_path: Path) -> N
     assert torch.allclose(ck["criterion"]["Z"], one["criterion"]["Z"], rtol=1e-5)
 
 
+def _reference_probe(run: Path, layer: str, train: Path, val: Path, epochs: int, lr: float) -> tuple[float, float]:
+    """The linear probe written out: features from a hand-written hook, then SGD + OneCycleLR on
+    the cached features (the probe's defaults: momentum 0.9, pct_start 0.3, div_factor 1e6, seed 0,
+    one batch of 256), shuffled by a generator seeded like the probe's. Returns (val, train) top-1 %."""
+    from conftest import reference_outputs
+
+    from layertap.data import load_rgb
+    from layertap.training.ipcl import load_trained
+
+    loaded = load_trained(run)
+
+    def feats(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        s = lt.ImageSet.from_path(folder)
+        x = torch.stack([loaded.transform(load_rgb(p)) for p in s.paths])
+        return reference_outputs(loaded.module, x, [layer])[layer][0].flatten(1).float(), torch.tensor(s.targets)
+
+    (x, y), (vx, vy) = feats(train), feats(val)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * math.ceil(len(y) / 256), pct_start=0.3, div_factor=1e6
+    )
+    for _ in range(epochs):
+        correct = 0
+        for idx in torch.randperm(len(y), generator=gen).split(256):
+            logits = head(x[idx])
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            correct += int((logits.argmax(1) == y[idx]).sum())
+    with torch.no_grad():
+        val_top1 = float((head(vx).argmax(1) == vy).float().mean() * 100)
+    return val_top1, 100 * correct / len(y)
+
+
 def test_cli_train_and_linear_probe(data: dict[str, Path], tmp_path: Path) -> None:
     parser = argparse.ArgumentParser(prog="layertap")
     add_train_commands(parser.add_subparsers(dest="command", required=True))
@@ -474,7 +513,93 @@ def test_cli_train_and_linear_probe(data: dict[str, Path], tmp_path: Path) -> No
     args.func(args)
     result = json.loads((run / "linear_probe_backbone.7.json").read_text())
     assert result["val_top1"] > 40 and result["n_features"] == 32  # chance 25%
-    direct = linear_probe(run, "fc", data["train"], data["val"], augment="crop-flip", epochs=1, lr=0.1, progress=False)
-    assert direct.n_features == 32 and 0 <= direct.val_top1 <= 100
+    direct = linear_probe(run, "fc", data["train"], data["val"], augment="none", epochs=3, lr=0.1, progress=False)
+    want_val, want_train = _reference_probe(run, "fc", data["train"], data["val"], epochs=3, lr=0.1)
+    assert direct.n_features == 32
+    assert direct.val_top1 == pytest.approx(want_val, abs=1e-9)
+    assert direct.train_top1 == pytest.approx(want_train, abs=1e-9)
+    augmented = linear_probe(run, "fc", data["train"], data["val"], augment="crop-flip", epochs=1, lr=0.1, progress=False)
+    n_val = len(lt.ImageSet.from_path(data["val"]))
+    assert augmented.n_features == 32 and (augmented.val_top1 * n_val / 100) == pytest.approx(
+        round(augmented.val_top1 * n_val / 100), abs=1e-6
+    )  # a whole number of the validation images
     with pytest.raises(lt.LayertapError, match="unknown layer"):
         linear_probe(run, "fc9", data["train"], data["val"], progress=False)
+
+
+def test_exploding_loss_warns_or_stops(data: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """lr 30 with a one-cycle warm-up: epoch 1 trains (loss ~2.8), epoch 2 explodes (~150, as in a real
+    run's 2.6 -> 385). Default: one warning saying what to try; --on-divergence stop: an error before the
+    exploded epoch's checkpoint is saved."""
+    cfg = _tiny(data, epochs=3, lr=30.0, div_factor=1e3, pct_start=0.5, final_div_factor=10.0)
+    with caplog.at_level("WARNING", logger="layertap"):
+        r = train_ipcl(data["train"], tmp_path / "warn", stop_after=2, **cfg)
+    losses = [h["train_loss"] for h in json.loads((tmp_path / "warn" / "log.json").read_text())["history"]]
+    assert losses[1] > 10 * losses[0], losses  # it did explode
+    assert f"the loss is exploding: epoch 2 loss {losses[1]:.4g} is {losses[1] / losses[0]:.0f}x" in caplog.text
+    assert "lower --lr (now 30; try 3)" in caplog.text and len(r.history) == 2
+
+    parser = argparse.ArgumentParser(prog="layertap")
+    add_train_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        ["train", "ipcl", "--images", str(data["train"]), "--out", str(tmp_path / "stop"), "--arch", cfg["arch"]]
+        + "--out-dim 32 --size 32 --n-samples 3 --queue-size 96 --batch-size 16 --epochs 3 --lr 30".split()
+        + "--div-factor 1000 --pct-start 0.5 --final-div-factor 10 --knn-k 20 --no-plot".split()
+        + ["--on-divergence", "stop"]
+    )
+    args.quiet = True
+    with pytest.raises(lt.LayertapError, match=r"training diverged: epoch 2 loss .* lower --lr \(now 30; try 3\)"):
+        args.func(args)
+    assert torch.load(tmp_path / "stop" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1
+
+
+def test_non_finite_loss_stops_with_advice(data: dict[str, Path], tmp_path: Path) -> None:
+    """lr 1e6 (softmax, constant lr): the loss is NaN at the first step of epoch 2; training stops there,
+    and the checkpoint of epoch 1 is what remains."""
+    cfg = _tiny(data, epochs=3, lr=1e6, scheduler="none", loss="softmax")
+    with pytest.raises(lt.LayertapError) as err:
+        train_ipcl(data["train"], tmp_path / "nan", **cfg)
+    msg = str(err.value)
+    assert msg.startswith("training diverged: the loss became nan at epoch 2, step 1 of 3; lower --lr (now 1e+06"), msg
+    assert "\n" not in msg and err.value.exit_code == 1
+    assert torch.load(tmp_path / "nan" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1
+    with pytest.raises(lt.LayertapError, match="--on-divergence"):
+        train_ipcl(data["train"], tmp_path / "x", on_divergence="ignore", **cfg)
+
+
+def test_ipcl_checkpoints_are_hash_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Published IPCL checkpoints are checked against their sha256 prefix (open_ipcl's hub hashids):
+    while torch hub downloads them (a file:// URL stands in for the server) and when read from its cache."""
+    import hashlib
+
+    from layertap.sources import ipcl
+
+    assert {n for n, c in ipcl.CONFIGS.items() if c["url"]} == set(ipcl.SHA256_PREFIX)
+    assert all(len(p) == 10 and int(p, 16) >= 0 for p in ipcl.SHA256_PREFIX.values())
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))  # what torch.hub.set_dir sets
+    server = tmp_path / "server"
+    server.mkdir()
+    name = Path(ipcl.CONFIGS["ipcl1"]["url"]).name
+    weights = {"module.fc8.0.bias": torch.arange(4.0)}
+    torch.save({"state_dict": weights}, server / name)
+    url = (server / name).as_uri()
+    cache = hub / "checkpoints" / name
+    true_prefix = hashlib.sha256((server / name).read_bytes()).hexdigest()[:10]
+
+    # the download does not match the published hash (this is not the real file): refused, nothing cached
+    with pytest.raises(lt.LayertapError, match=r"download of .* for ipcl:ipcl1 does not have the published sha256"):
+        ipcl._download(url, "ipcl1")
+    assert not cache.exists() and not list(cache.parent.glob("*.partial"))
+    monkeypatch.setitem(ipcl.SHA256_PREFIX, "ipcl1", true_prefix)
+    got = ipcl._download(url, "ipcl1")  # matches: downloaded and loaded
+    assert cache.is_file() and torch.equal(got["fc8.0.bias"], weights["module.fc8.0.bias"])
+
+    # a cached file that is not the published one: an error naming the file
+    damaged = bytearray(cache.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    cache.write_bytes(bytes(damaged))
+    with pytest.raises(lt.LayertapError, match=f"the cached checkpoint {cache} for ipcl:ipcl1 has sha256"):
+        ipcl._download(url, "ipcl1")
+    with pytest.raises(lt.LayertapError, match="cached checkpoint .* delete it"):
+        lt.load_model("ipcl:ipcl1")  # through the normal pretrained path too

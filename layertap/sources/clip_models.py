@@ -5,6 +5,10 @@ exist, else the name's first published tag; any other string is an open_clip pre
 (``laion2b_s34b_b79k``). The tapped module is the image tower (``model.visual``: layer names
 such as ``transformer.resblocks.11`` or ``layer4``; ``output`` is the image embedding); the full
 model and its tokenizer travel in ``components`` for text features (:mod:`layertap.clip`).
+
+The model is built with the activation its weights were trained with: QuickGELU for OpenAI's
+weights and every tag open_clip marks ``quick_gelu`` (random weights and weights files follow the
+name's default tag), recorded as ``quick_gelu`` in the provenance; ``quick_gelu=False`` overrides.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import LayertapError
+from ..errors import LayertapError, option_spelling
 from ..models import (
     LoadedModel,
     Source,
     finish_loading,
+    library_root_logging,
     register_source,
     seeded_build,
     weights_unavailable,
@@ -24,6 +29,7 @@ from ..models import (
 
 
 def pretrained_tag(open_clip: Any, name: str, weights: str) -> str:
+    """The open_clip tag that ``weights`` means: 'pretrained' -> 'openai' where published, else the first tag."""
     tags = [t for n, t in open_clip.list_pretrained() if n == name]
     if weights != "pretrained":
         if weights not in tags:
@@ -32,8 +38,35 @@ def pretrained_tag(open_clip: Any, name: str, weights: str) -> str:
             )
         return weights
     if not tags:
-        raise LayertapError(f"open_clip publishes no weights for {name}; use weights='random' or a weights file")
+        raise LayertapError(f"open_clip publishes no weights for {name}; use {option_spelling('weights', 'random')} or a weights file")
     return "openai" if "openai" in tags else tags[0]
+
+
+def activation_args(open_clip: Any, name: str, tag: str | None, options: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """open_clip arguments that build ``name`` with the activation ``tag``'s weights were trained with.
+
+    OpenAI's CLIP (and every tag open_clip marks ``quick_gelu``) was trained with QuickGELU, while
+    the plain model configs (``ViT-B-32``) use ``nn.GELU``; open_clip only warns about the mismatch.
+    An explicit ``quick_gelu`` / ``force_quick_gelu`` option from the user wins.
+
+    Args:
+        open_clip: the imported package.
+        name: the model config name (``ViT-B-32``).
+        tag: the pretrained tag whose architecture to follow (None: the config as it is).
+        options: the user's options for ``create_model_and_transforms``.
+
+    Returns:
+        (extra keyword arguments, whether the model uses QuickGELU).
+    """
+    base = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+    if "quick_gelu" in options:
+        return {}, bool(options["quick_gelu"])
+    if options.get("force_quick_gelu"):
+        return {}, True
+    want = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False)) if tag else base
+    if want == base:
+        return {}, want
+    return ({"force_quick_gelu": True} if want else {"quick_gelu": False}), want
 
 
 class ClipSource(Source):
@@ -46,21 +79,36 @@ class ClipSource(Source):
         return list(self.lib().list_models())
 
     def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
+        # open_clip logs through the root logger (logging.info/error), which would configure it.
+        with library_root_logging():
+            return self._load(name, weights, seed, **options)
+
+    def _load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
         open_clip = self.lib()
+        published = [t for n, t in open_clip.list_pretrained() if n == name]
         if isinstance(weights, Path) or weights == "random":
+            # Untrained or user weights: the architecture of the name's default published weights
+            # (OpenAI's QuickGELU for ViT-B-32), as torchvision's random weights use the default's transform.
+            tag = pretrained_tag(open_clip, name, "pretrained") if published else None
+            extra, quick = activation_args(open_clip, name, tag, options)
             model, _, preprocess = seeded_build(
-                lambda: open_clip.create_model_and_transforms(name, pretrained=None, **options), seed
+                lambda: open_clip.create_model_and_transforms(name, pretrained=None, **extra, **options), seed
             )
             weights_id = None
         else:
             tag = pretrained_tag(open_clip, name, weights)
+            extra, quick = activation_args(open_clip, name, tag, options)
             try:
-                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, **options)
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, **extra, **options)
             except Exception as err:  # noqa: BLE001 - network and cache errors all mean "not available"
+                hub = open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "").strip("/").split("/")
+                cache = (
+                    f" in {_hf_cache()}/models--{'--'.join(hub[:2])}" if len(hub) >= 2 else " in ~/.cache/clip"
+                )
                 raise weights_unavailable(
                     f"CLIP weights {name}/{tag}",
                     err,
-                    "connect to the internet once (open_clip caches them) or pass a weights file",
+                    f"connect to the internet once (open_clip caches them{cache}) or pass a weights file",
                 ) from None
             weights_id = f"{name}/{tag}"
         visual = model.visual
@@ -79,11 +127,21 @@ class ClipSource(Source):
             weights,
             seed,
             weights_id,
+            {"quick_gelu": quick, "architecture_of": f"{name}/{tag}" if tag else name},
             weights_target=model,
             num_prefix_tokens=1 if transformer is not None else 0,
             sequence_first=seq_first,
             components={"clip": model, "tokenizer": open_clip.get_tokenizer(name)},
         )
+
+
+def _hf_cache() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:
+        return "~/.cache/huggingface/hub"
 
 
 register_source(ClipSource())

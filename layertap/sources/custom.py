@@ -17,7 +17,16 @@ from typing import Any
 from torch import nn
 
 from ..errors import LayertapError
-from ..models import LoadedModel, Source, file_sha256, finish_loading, imagenet_transform, register_source, seeded_build
+from ..models import (
+    LoadedModel,
+    Source,
+    file_sha256,
+    finish_loading,
+    imagenet_transform,
+    module_fingerprint,
+    register_source,
+    seeded_build,
+)
 
 _SPEC = re.compile(r"^(?P<file>.+\.py):(?P<factory>[A-Za-z_]\w*)$")
 
@@ -70,7 +79,12 @@ class CustomSource(Source):
             extra,
         )
         if weights == "pretrained":
-            loaded.provenance["weights"] = {"kind": "as built by the factory", "seed": seed}
+            # the factory may read weights from anywhere: fingerprint what it built
+            loaded.provenance["weights"] = {
+                "kind": "as built by the factory",
+                "seed": seed,
+                "sha256": module_fingerprint(loaded.module),
+            }
         return loaded
 
 

@@ -7,19 +7,22 @@ exactly ``model(x, output_hidden_states=True).hidden_states[i]``.
 
 ``weights="random"`` with a hub id needs its config (from the hub cache); with a bare model type
 (``hf:vit``, ``hf:dinov2``, ``hf:convnext``; sizes via ``config={...}``) it needs nothing, and then
-uses the ImageNet evaluation transform at the config's image size.
+preprocesses with the type's own default image processor (``ViTImageProcessor()``: squash to
+224 x 224, mean = std = 0.5), at the config's image size. ``processor={...}`` overrides image
+processor settings for any model (e.g. ``{"image_mean": [0.485, 0.456, 0.406]}``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import LayertapError
+from ..errors import LayertapError, option_spelling
 from ..models import (
     LoadedModel,
     Source,
@@ -86,6 +89,80 @@ def hidden_state_aliases(module: nn.Module) -> dict[str, str]:
     return {}
 
 
+def default_image_processor(transformers: Any, cfg: Any, overrides: Mapping[str, Any]) -> Any | None:
+    """The image processor class the model type maps to, with its defaults, at the config's image size.
+
+    This is what ``AutoImageProcessor`` builds for a hub checkpoint of that type with no settings
+    of its own. A config whose ``image_size`` differs from the processor's output size (a small
+    test config) gets the processor at that size: height/width set to it, or for shortest-edge
+    + center-crop processors the crop set to it and the resize scaled alike.
+
+    Args:
+        transformers: the imported package.
+        cfg: the model config.
+        overrides: the user's processor settings (win over everything).
+
+    Returns:
+        The processor, or None when the type has no image processor.
+    """
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    try:
+        classes = IMAGE_PROCESSOR_MAPPING[type(cfg)]
+    except KeyError:
+        return None
+    if isinstance(classes, Mapping):  # transformers 5: {backend: class}; AutoImageProcessor prefers torchvision
+        cls = classes.get("torchvision") or classes.get("pil") or next(iter(classes.values()), None)
+    else:  # transformers 4: (slow, fast); AutoImageProcessor's default is the slow one
+        cls = next((c for c in classes if c is not None), None)
+    if cls is None:
+        return None
+    proc = cls()
+    kwargs: dict[str, Any] = {}
+    want = getattr(cfg, "image_size", None)
+    want = want[0] if isinstance(want, (list, tuple)) else want
+    # transformers 5 keeps sizes as SizeDicts with every key (unused ones None)
+    size = {k: v for k, v in dict(getattr(proc, "size", None) or {}).items() if v is not None}
+    crop = dict(getattr(proc, "crop_size", None) or {}) if getattr(proc, "do_center_crop", False) else {}
+    crop = {k: v for k, v in crop.items() if v is not None}
+    have = crop.get("height") or size.get("height") or size.get("shortest_edge")
+    if want and have and int(want) != int(have):
+        want = int(want)
+        if crop:
+            kwargs["crop_size"] = {"height": want, "width": want}
+            if "shortest_edge" in size:
+                kwargs["size"] = {"shortest_edge": round(size["shortest_edge"] * want / have)}
+            else:
+                kwargs["size"] = {k: round(v * want / have) for k, v in size.items()}
+        elif "height" in size:
+            kwargs["size"] = {"height": want, "width": want}
+        else:
+            kwargs["size"] = {"shortest_edge": want}
+    kwargs.update(overrides)
+    return cls(**kwargs) if kwargs else proc
+
+
+def _snapshot_commit(name: str, revision: str | None) -> str | None:
+    """The commit of the cached hub snapshot that was loaded (what 'main' meant at download time)."""
+    if os.path.isdir(name):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(name, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - provenance only: fall back to the revision asked for
+        return None
+    return Path(path).parent.name if isinstance(path, str) else None
+
+
+def _mapping_option(value: Any, what: str, example: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise LayertapError(f"{what} must be a mapping of settings, e.g. {example} (got {value!r})")
+    return dict(value)
+
+
 class HFSource(Source):
     name = "hf"
     description = "Hugging Face transformers vision backbones by hub id (ViT, DINOv2, ConvNeXt, Swin, ...)"
@@ -102,9 +179,14 @@ class HFSource(Source):
 
     def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
         transformers = self.lib()
-        overrides = options.pop("config", None) or {}
+        overrides = _mapping_option(options.pop("config", None), "config", """config={"hidden_size": 384}""")
+        proc_settings = _mapping_option(
+            options.pop("processor", None), "processor", """processor={"image_mean": [0.5, 0.5, 0.5]}"""
+        )
         if options:
-            raise LayertapError(f"Hugging Face models take only config={{...}} (got {', '.join(options)})")
+            raise LayertapError(
+                f"Hugging Face models take only config={{...}} and processor={{...}} (got {', '.join(options)})"
+            )
         is_type = name in transformers.CONFIG_MAPPING and "/" not in name
         processor = None
         weights_id = None
@@ -112,19 +194,20 @@ class HFSource(Source):
             if isinstance(weights, Path) or weights == "random":
                 if is_type:
                     cfg = transformers.AutoConfig.for_model(name, **overrides)
+                    processor = default_image_processor(transformers, cfg, proc_settings)
                 else:
                     cfg = transformers.AutoConfig.from_pretrained(name, **overrides)
-                    processor = transformers.AutoImageProcessor.from_pretrained(name)
+                    processor = transformers.AutoImageProcessor.from_pretrained(name, **proc_settings)
                 module = seeded_build(lambda: transformers.AutoModel.from_config(cfg), seed)
             else:
                 if is_type:
                     raise LayertapError(
-                        f"'{name}' is a model type, not a checkpoint: give a hub id or use weights='random'"
+                        f"'{name}' is a model type, not a checkpoint: give a hub id or use {option_spelling('weights', 'random')}"
                     )
                 revision = None if weights == "pretrained" else weights  # any other string is a hub revision
                 module = transformers.AutoModel.from_pretrained(name, revision=revision, **overrides)
-                processor = transformers.AutoImageProcessor.from_pretrained(name, revision=revision)
-                weights_id = f"{name}@{revision or getattr(module.config, '_commit_hash', None) or 'main'}"
+                processor = transformers.AutoImageProcessor.from_pretrained(name, revision=revision, **proc_settings)
+                weights_id = f"{name}@{_snapshot_commit(name, revision) or revision or 'main'}"
         except LayertapError:
             raise
         except Exception as err:  # noqa: BLE001 - hub, network and cache errors all mean "not available"
@@ -137,24 +220,29 @@ class HFSource(Source):
         size = int(size[0] if isinstance(size, (list, tuple)) else size)
         if processor is not None:
             transform: Any = ImageProcessorTransform(processor)
-            crop = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
-            if isinstance(crop, dict) and "height" in crop:
-                size = int(crop["height"])
-            elif isinstance(crop, dict) and "shortest_edge" in crop and not getattr(processor, "do_center_crop", False):
-                size = int(crop["shortest_edge"])
-        else:
+            # the processor's output size, measured (resize/crop rules differ between processors)
+            from PIL import Image
+
+            probe = transform(Image.new("RGB", (3 * size, 2 * size)))
+            input_size = (3, int(probe.shape[-2]), int(probe.shape[-1]))
+        else:  # a model type without an image processor of its own
             transform = imagenet_transform(resize=round(size / 0.875), crop=size)
+            input_size = (3, size, size)
         has_cls = getattr(getattr(module, "embeddings", None), "cls_token", None) is not None
         prefix = (1 if has_cls else 0) + int(getattr(module.config, "num_register_tokens", 0) or 0)
         return finish_loading(
             module,
             transform,
             f"hf:{name}",
-            (3, size, size),
+            input_size,
             weights,
             seed,
             weights_id,
-            {"config": {k: v for k, v in overrides.items()}} if overrides else None,
+            {
+                **({"config": dict(overrides)} if overrides else {}),
+                **({"processor": dict(proc_settings)} if proc_settings else {}),
+            }
+            or None,
             num_prefix_tokens=prefix,
             layer_aliases=hidden_state_aliases(module),
         )

@@ -301,18 +301,59 @@ class IPCLSource(Source):
         )
 
 
+#: sha256 prefixes of the released checkpoints: open_ipcl's hub ``hashid``s (torch hub's ``check_hash``
+#: convention), so a corrupted or substituted file is never loaded as the published model
+SHA256_PREFIX = {
+    "ipcl1": "51bcc71556",
+    "ipcl2": "a4b3151e28",
+    "ipcl3": "543e478735",
+    "ipcl4": "e8d0736300",
+    "ipcl5": "d06507981d",
+    "ipcl6": "fc6efe7bec",
+    "ipcl7": "79a120b915",
+    "ipcl8": "343c15875d",
+    "ipcl9": "23ef0936c4",
+    "ipcl10": "25e539c255",
+    "ipcl11": "af6119b74a",
+    "ipcl12": "3a41dd57b4",
+    "ipcl13": "1ea33cba82",
+    "ipcl14": "f9c1603f16",
+    "ipcl15": "5b19b17783",
+}
+
+
 def _download(url: str, name: str) -> dict[str, torch.Tensor]:
+    """The published checkpoint of ``name``: downloaded into torch hub's cache (hash-checked while
+    downloading) or read from it (hash-checked before loading)."""
+    from ..models import file_sha256
+
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    prefix = SHA256_PREFIX.get(name)
     try:
         if not cache.is_file():
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(cache), progress=True)
+            torch.hub.download_url_to_file(url, str(cache), hash_prefix=prefix, progress=True)
     except Exception as err:  # noqa: BLE001 - network and disk errors all mean "not available"
+        if "invalid hash value" in str(err):  # torch hub removed the download: nothing bad is cached
+            raise LayertapError(
+                f"the download of {url} for ipcl:{name} does not have the published sha256 ({prefix}...): "
+                "it was corrupted or the file changed; try again, or pass a checkpoint file you trust as weights",
+                exit_code=1,
+            ) from None
         raise weights_unavailable(
             f"pretrained weights for {name}",
             err,
             f"connect to the internet once, or put {url} at {cache}, or pass the checkpoint file as weights",
         ) from None
+    if prefix is not None:
+        digest = file_sha256(cache)
+        if not digest.startswith(prefix):
+            raise LayertapError(
+                f"the cached checkpoint {cache} for ipcl:{name} has sha256 {digest[:10]}..., not the published "
+                f"{prefix}...: it is damaged or another file; delete it (it is downloaded again) or pass your own "
+                "checkpoint file as weights",
+                exit_code=1,
+            )
     return read_state_dict(cache)
 
 

@@ -16,7 +16,20 @@ from ..models import LoadedModel, Source, finish_loading, register_source, seede
 def _names() -> tuple[str, ...]:
     import torchvision.models as tvm
 
-    return tuple(sorted(tvm.list_models(module=tvm)))
+    return tuple(sorted(tvm.list_models(module=tvm) + _video_names()))
+
+
+@cache
+def _video_names() -> list[str]:
+    """torchvision's video classification models (r3d_18, s3d, mvit_v2_s, swin3d_t, ...): clips in."""
+    import torchvision.models as tvm
+    import torchvision.models.video as tvv
+
+    return tvm.list_models(module=tvv)
+
+
+#: frames per clip a video model is given by default (what its Kinetics weights were evaluated with)
+VIDEO_CLIP_LEN = 16
 
 
 class TorchvisionSource(Source):
@@ -74,8 +87,12 @@ class TorchvisionSource(Source):
         transform = chosen.transforms()
         crop = int(transform.crop_size[0])
         extra = {"url": chosen.url} if weights_id else {}
+        # Video models take (B, C, T, H, W) clips; their transform takes (T, C, H, W) uint8 frames.
+        size = (3, VIDEO_CLIP_LEN, crop, crop) if name in _video_names() else (3, crop, crop)
+        # MViT's blocks return (B, 1 + tokens, D) with a class token first (for --reduce cls/mean).
+        fields = {"num_prefix_tokens": 1} if name.startswith("mvit") else {}
         return finish_loading(
-            module, transform, f"torchvision:{name}", (3, crop, crop), weights, seed, weights_id, extra
+            module, transform, f"torchvision:{name}", size, weights, seed, weights_id, extra, **fields
         )
 
 

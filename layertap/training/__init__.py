@@ -5,21 +5,43 @@
 line is ``layertap train ipcl ...`` and ``layertap train linear-probe ...``.
 """
 
-from .augment import AugmentConfig, TensorAugment, cpu_augment, eval_transform, load_square
-from .ipcl import (
-    IPCLConfig,
-    IPCLCriterion,
-    TrainResult,
-    build_model,
-    ipcl_loss,
-    ipcl_similarities,
-    load_trained,
-    nce_loss,
-    softmax_loss,
-    train_ipcl,
-)
-from .knn import knn_accuracy, knn_eval, knn_predict
-from .probe import ProbeResult, linear_probe
+from typing import Any
+
+# Imported on first use: the command line builds its parser without importing torch.
+_NAMES = {
+    "AugmentConfig": "augment",
+    "TensorAugment": "augment",
+    "cpu_augment": "augment",
+    "eval_transform": "augment",
+    "load_square": "augment",
+    "IPCLConfig": "ipcl",
+    "IPCLCriterion": "ipcl",
+    "TrainResult": "ipcl",
+    "build_model": "ipcl",
+    "ipcl_loss": "ipcl",
+    "ipcl_similarities": "ipcl",
+    "load_trained": "ipcl",
+    "nce_loss": "ipcl",
+    "softmax_loss": "ipcl",
+    "train_ipcl": "ipcl",
+    "knn_accuracy": "knn",
+    "knn_eval": "knn",
+    "knn_predict": "knn",
+    "ProbeResult": "probe",
+    "linear_probe": "probe",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``name`` from its module on first use."""
+    import importlib
+
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AugmentConfig",

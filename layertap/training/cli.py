@@ -28,20 +28,22 @@ def _positive(kind: type) -> Any:
 
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` (with ``ipcl`` and ``linear-probe``) to the ``layertap`` subcommands."""
+    from ..cli import _Help  # the CLI's one formatter: examples as written, defaults shown
+
     p = sub.add_parser(
         "train",
         help="train a model (IPCL self-supervised) or a linear probe on a frozen layer",
         description="Training: 'ipcl' trains an IPCL model and checkpoints it every epoch; "
         "'linear-probe' evaluates a frozen layer with a linear classifier.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
         epilog=EXAMPLES,
     )
     tsub = p.add_subparsers(dest="train_command", required=True, metavar="WHAT")
-    _add_ipcl(tsub)
-    _add_probe(tsub)
+    _add_ipcl(tsub, _Help)
+    _add_probe(tsub, _Help)
 
 
-def _add_ipcl(tsub: argparse._SubParsersAction) -> None:
+def _add_ipcl(tsub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
     p = tsub.add_parser(
         "ipcl",
         help="instance-prototype contrastive learning (Konkle & Alvarez)",
@@ -49,7 +51,7 @@ def _add_ipcl(tsub: argparse._SubParsersAction) -> None:
         "embedding, negatives from a queue of recent embeddings, NCE (or softmax) loss. Writes RUN/"
         "checkpoint.pth.tar every epoch (loadable with --model ipcl:alexnet_gn --weights FILE), log.csv, "
         "log.json, training.png. Under torchrun it trains with DistributedDataParallel.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=formatter,
         epilog=EXAMPLES,
     )
     p.add_argument("--images", "-i", required=True, help="training images (folder or list; labels not needed)")
@@ -62,62 +64,111 @@ def _add_ipcl(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-checkpoints", action="store_true", help="also keep checkpoint_epochNNN.pth.tar per epoch")
     m = p.add_argument_group("model and objective")
     m.add_argument("--arch", default="alexnet_gn", help="alexnet_gn (default) or any model name of 'layertap models'")
-    m.add_argument("--arch-weights", default="random", help="initial backbone weights for registry models")
+    m.add_argument("--arch-weights", default="random", help="initial backbone weights for registry models: random, pretrained, a weights id or a file")
     m.add_argument("--out-dim", type=_positive(int), default=128, help="embedding dimension (default 128)")
     m.add_argument("--size", type=_positive(int), default=224, help="crop size in pixels (default 224)")
     m.add_argument("--n-samples", type=_positive(int), default=5, help="augmentations per image (default 5)")
     m.add_argument("--queue-size", type=_positive(int), default=4096, help="negatives kept (default 4096)")
     m.add_argument("--temperature", type=_positive(float), default=0.07, help="softmax temperature (default 0.07)")
-    m.add_argument("--loss", choices=["nce", "softmax"], default="nce")
-    m.add_argument("--layout", choices=["interleaved", "contiguous"], default="interleaved")
+    m.add_argument(
+        "--loss",
+        choices=["nce", "softmax"],
+        default="nce",
+        help="nce (noise-contrastive estimation, as in the paper) or softmax (cross-entropy over 1 + queue)",
+    )
+    m.add_argument(
+        "--layout",
+        choices=["interleaved", "contiguous"],
+        default="interleaved",
+        help="order of the augmentations in a batch: interleaved (aug0 of all images, then aug1, ...; the "
+        "original loader's) or contiguous (all augmentations of image 0, then image 1, ...)",
+    )
     m.add_argument("--norm-prototype", action="store_true", help="l2-normalise the prototypes")
     m.add_argument("--prototype-grad", action="store_true", help="let gradients flow through the prototypes")
     m.add_argument("--store-prototype", action="store_true", help="queue the prototypes, not the samples")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=_positive(int), default=100)
-    o.add_argument("--batch-size", type=_positive(int), default=128, help="images per step, all ranks")
-    o.add_argument("--batch-multiplier", type=_positive(int), default=1, help="gradient accumulation steps")
+    o.add_argument("--epochs", type=_positive(int), default=100, help="passes over --images")
+    o.add_argument("--batch-size", type=_positive(int), default=128, help="images per step, summed over all ranks")
+    o.add_argument(
+        "--batch-multiplier", type=_positive(int), default=1, help="gradient accumulation: steps per optimiser step"
+    )
     o.add_argument("--lr", type=_positive(float), default=0.03, help="peak learning rate (default 0.03)")
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float, default=5e-4)
-    o.add_argument("--scheduler", choices=["onecycle", "cosine", "none"], default="onecycle")
-    o.add_argument("--div-factor", type=_positive(float), default=1000.0, help="one-cycle start lr = lr/div")
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default %(default)s; 0 helps on small data sets, see README)")
+    o.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    o.add_argument(
+        "--scheduler",
+        choices=["onecycle", "cosine", "none"],
+        default="onecycle",
+        help="learning-rate schedule over all steps: one-cycle (cosine up then down), cosine decay, or constant",
+    )
+    o.add_argument(
+        "--div-factor", type=_positive(float), default=1000.0, help="one-cycle: the start lr is lr / div-factor"
+    )
     o.add_argument("--pct-start", type=float, default=0.4, help="one-cycle rising fraction (default 0.4)")
-    o.add_argument("--final-div-factor", type=_positive(float), default=1e7)
+    o.add_argument(
+        "--final-div-factor",
+        type=_positive(float),
+        default=1e7,
+        help="one-cycle: the final lr is lr / div-factor / final-div-factor (default %(default)g)",
+    )
+    o.add_argument(
+        "--on-divergence",
+        choices=["warn", "stop"],
+        default="warn",
+        help="an exploding loss (an epoch's mean over 10x the first epoch's): warn (default) or stop; "
+        "a NaN/inf loss always stops",
+    )
     d = p.add_argument_group("data and machine")
     d.add_argument("--augment", choices=["cpu", "tensor"], default="cpu", help="torchvision (cpu) or batched on device")
     d.add_argument("--scale-min", type=float, default=0.2, help="smallest crop area fraction (default 0.2)")
-    d.add_argument("--knn-k", type=_positive(int), default=200)
-    d.add_argument("--knn-every", type=_positive(int), default=1, help="kNN every this many epochs")
-    d.add_argument("--device", default="auto")
+    d.add_argument("--knn-k", type=_positive(int), default=200, help="neighbours voting in the kNN accuracy")
+    d.add_argument(
+        "--knn-every", type=_positive(int), default=1, help="kNN accuracy on --val every this many epochs"
+    )
+    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (the best available)")
     d.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed for the initial weights, augmentations and order")
     d.add_argument("--no-plot", action="store_true", help="do not write training.png")
     p.set_defaults(func=cmd_train_ipcl)
 
 
-def _add_probe(tsub: argparse._SubParsersAction) -> None:
+def _add_probe(tsub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
     p = tsub.add_parser(
         "linear-probe",
         help="linear classifier on one frozen layer of a trained run",
-        description="Train a linear readout of one frozen layer (one-cycle SGD) and report top-1 on --val.",
+        description="Train a linear readout of one frozen layer (one-cycle SGD) and report top-1 on --val. "
+        "The layer's outputs are flattened; the trained model stays frozen.",
+        formatter_class=formatter,
+        epilog="examples:\n  layertap train linear-probe --run ./runs/ipcl --layer fc7 --images ./train --val ./val\n"
+        "  layertap train linear-probe --run ./runs/ipcl/checkpoint.pth.tar --layer conv_block_5 --augment none \\\n"
+        "      --images ./train --val ./val --out probe.json",
     )
     p.add_argument("--run", required=True, help="training run folder or checkpoint file")
     p.add_argument("--layer", required=True, help="layer name, e.g. fc7")
     p.add_argument("--images", "-i", required=True, help="labelled training images (class subfolders)")
     p.add_argument("--val", required=True, help="labelled validation images")
     p.add_argument("--out", help="result JSON (default RUN/linear_probe_LAYER.json for a run folder)")
-    p.add_argument("--epochs", type=_positive(int), default=10)
-    p.add_argument("--batch-size", type=_positive(int), default=256)
-    p.add_argument("--lr", type=_positive(float), default=30.0)
-    p.add_argument("--div-factor", type=_positive(float), default=1e6)
-    p.add_argument("--pct-start", type=float, default=0.3)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--augment", choices=["crop-flip", "none"], default="crop-flip")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=_positive(int), default=10, help="passes over --images")
+    p.add_argument("--batch-size", type=_positive(int), default=256, help="images per step")
+    p.add_argument("--lr", type=_positive(float), default=30.0, help="peak learning rate of the one-cycle schedule")
+    p.add_argument(
+        "--div-factor",
+        type=_positive(float),
+        default=1e6,
+        help="one-cycle: the start lr is lr / div-factor (default %(default)g)",
+    )
+    p.add_argument("--pct-start", type=float, default=0.3, help="one-cycle: fraction of the steps rising to lr")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
+    p.add_argument(
+        "--augment",
+        choices=["crop-flip", "none"],
+        default="crop-flip",
+        help="crop-flip: random resized crop and flip each epoch; none: the model's transform, features computed once",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (the best available)")
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    p.add_argument("--seed", type=int, default=0, help="seed for the data order, crops and the head's weights")
     p.set_defaults(func=cmd_linear_probe)
 
 
@@ -147,6 +198,7 @@ def cmd_train_ipcl(args: argparse.Namespace) -> None:
         workers=args.workers,
         progress=not getattr(args, "quiet", False),
         plot=False if args.no_plot else "auto",
+        on_divergence=args.on_divergence,
         **config,
     )
     import torch.distributed as dist

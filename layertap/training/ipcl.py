@@ -60,6 +60,32 @@ log = logging.getLogger("layertap")
 LAYOUTS = ("interleaved", "contiguous")
 LOSSES = ("nce", "softmax")
 CHECKPOINT = "checkpoint.pth.tar"
+#: an epoch whose mean loss exceeds this multiple of the first epoch's is exploding
+EXPLODING_RATIO = 10.0
+ON_DIVERGENCE = ("warn", "stop")
+
+
+def _what_to_try(cfg: IPCLConfig) -> str:
+    return f"lower --lr (now {cfg.lr:g}; try {cfg.lr / 10:g}) or raise --temperature (now {cfg.temperature:g})"
+
+
+def exploding(history: list[dict[str, Any]], ratio: float = EXPLODING_RATIO) -> str | None:
+    """Why the last epoch's loss counts as exploding, or None: its mean loss is more than ``ratio``
+    times the first epoch's (a healthy IPCL loss falls, or stays within a small factor).
+
+    Args:
+        history: the per-epoch log rows (``train_loss``), first epoch first.
+        ratio: the multiple of the first epoch's loss that counts as exploding.
+
+    Returns:
+        A phrase such as ``"epoch 2 loss 148.2 is 53x the first epoch's (2.79)"``, or None.
+    """
+    if len(history) < 2:
+        return None
+    first, last = history[0]["train_loss"], history[-1]["train_loss"]
+    if first > 0 and last > ratio * first:
+        return f"epoch {history[-1]['epoch']} loss {last:.4g} is {last / first:.0f}x the first epoch's ({first:.4g})"
+    return None
 NCE_EPS = 1e-7  # lemniscate's eps inside the NCE ratios
 
 
@@ -588,6 +614,9 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     ep = [h["epoch"] for h in history]
     ax.plot(ep, [h["train_loss"] for h in history], "o-", color="tab:blue", label="train loss")
     ax.set_xlabel("epoch")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no 0.5 ticks
     ax.set_ylabel("loss", color="tab:blue")
     acc = [(h["epoch"], h["knn_top1"]) for h in history if h.get("knn_top1") is not None]
     if acc:
@@ -613,6 +642,7 @@ def train_ipcl(
     workers: int = 0,
     progress: bool = True,
     plot: bool | str = "auto",
+    on_divergence: str = "warn",
     **config: Any,
 ) -> TrainResult:
     """Train an IPCL model on the images of ``images`` and write a run folder ``out``.
@@ -625,12 +655,19 @@ def train_ipcl(
     ``log.json`` and ``training.png``. ``val`` (a labelled folder) adds the kNN top-1 accuracy
     against ``knn_train`` (default: ``images``, which must then be labelled).
 
+    Divergence: a non-finite loss stops training at once with a :class:`LayertapError` that says
+    what to try (``out``'s checkpoint stays the last good epoch's). An exploding loss (an epoch's
+    mean loss above :data:`EXPLODING_RATIO` x the first epoch's, see :func:`exploding`) is a
+    warning, or with ``on_divergence="stop"`` the same error, before that epoch's checkpoint is saved.
+
     ``resume=True`` continues ``out``'s checkpoint (or ``resume=path``) with its saved settings,
     bit for bit as if never stopped; ``stop_after=E`` ends after epoch E (to resume later).
     Under ``torchrun`` (or an initialised process group) it trains with DistributedDataParallel:
     ``batch_size`` is global, the queue gathers all ranks, Z comes from all ranks, rank 0 writes.
     """
     out = Path(out)
+    if on_divergence not in ON_DIVERGENCE:
+        raise LayertapError(f"unknown --on-divergence '{on_divergence}': choose warn or stop")
     rank, world = _distributed()
     ckpt: dict[str, Any] | None = None
     if resume:
@@ -725,6 +762,7 @@ def train_ipcl(
     meta = {"arch": cfg.arch, "out_dim": cfg.out_dim, "size": cfg.size, "mean": list(cfg.mean), "std": list(cfg.std)}
 
     last = min(cfg.epochs, stop_after) if stop_after is not None else cfg.epochs
+    warned = False  # about an exploding loss
     for epoch in range(start, last):
         t0 = time.perf_counter()
         batches = epoch_batches(len(imageset), cfg.batch_size, cfg.seed, epoch)
@@ -760,6 +798,13 @@ def train_ipcl(
                 dist.all_reduce(value)
                 value /= world
             losses.append(float(value))
+            if not math.isfinite(losses[-1]):  # the same value on every rank (all-reduced): all stop
+                kept = f"{out / CHECKPOINT} (epoch {epoch})" if epoch else "no checkpoint (none was saved yet)"
+                raise LayertapError(
+                    f"training diverged: the loss became {losses[-1]} at epoch {epoch + 1}, step {b + 1} of "
+                    f"{n_batches}; {_what_to_try(cfg)}, and train again with --overwrite (kept: {kept})",
+                    exit_code=1,
+                )
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
         seconds = time.perf_counter() - t0
@@ -783,6 +828,17 @@ def train_ipcl(
             "images_per_s": round(n_batches * cfg.batch_size / seconds, 2) if seconds > 0 else None,
         }
         history.append(row)
+        why = exploding(history)
+        if why is not None:
+            kept = f"{out / CHECKPOINT} (epoch {epoch})"
+            if on_divergence == "stop":
+                raise LayertapError(
+                    f"training diverged: {why}; {_what_to_try(cfg)}, and train again with --overwrite (kept: {kept})",
+                    exit_code=1,
+                )
+            if rank == 0 and not warned:  # once: later epochs stay far above the first until it recovers
+                log.warning("the loss is exploding: %s; %s (or pass --on-divergence stop)", why, _what_to_try(cfg))
+            warned = True
         if rank == 0:
             msg = f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}"
             log.info(msg + (f", kNN top-1 {top1:.2f}%" if top1 is not None else ""))

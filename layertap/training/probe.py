@@ -125,6 +125,7 @@ def linear_probe(
         else:
             x0 = train_loader.dataset[0][0][None].to(dev)
             n_feat = tap(x0)[name].flatten(1).shape[1]
+        torch.manual_seed(seed)  # the head's initial weights depend on the seed alone, not on what loading drew
         head = nn.Linear(n_feat, n_classes).to(dev)
         opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         steps = epochs * (len(train_loader) if cached is None else (len(train_set) + batch_size - 1) // batch_size)

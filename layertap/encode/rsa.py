@@ -1,0 +1,150 @@
+"""RSA against several subjects: each layer's RDM vs every subject's RDM, with the noise ceiling.
+
+The layer's score is the mean over subjects of its similarity with each subject's RDM; the noise
+ceiling's bounds are rsatoolbox's (:func:`layertap.encode.ceiling.rdm_noise_ceiling`): a model that
+scores above the lower bound is as good as the subjects' mean RDM predicts a left-out subject.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import LayertapError
+from .ceiling import rdm_noise_ceiling
+
+
+def load_subject_rdms(sources: Sequence[Any] | Any, key: str | None = None) -> np.ndarray:
+    """Subjects' RDMs as (subjects, N, N) float64.
+
+    Args:
+        sources: one file/array holding (subjects, N, N), or a list of files/arrays each holding one
+            (N, N) RDM (or its condensed upper triangle).
+        key: dataset/variable name in .h5/.mat files.
+
+    Returns:
+        (subjects, N, N) float64.
+    """
+    from ..analysis import is_rdm, load_matrix
+    from .responses import load_array
+
+    items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+    mats: list[np.ndarray] = []
+    for item in items:
+        arr, _ = load_array(item, key) if isinstance(item, (str, os.PathLike)) else (np.asarray(item, float), None)
+        if arr.ndim == 3:
+            mats.extend(arr)
+        else:
+            mats.append(load_matrix(arr))
+    if len({m.shape for m in mats}) != 1:
+        raise LayertapError(f"subject RDMs have different sizes: {sorted({m.shape for m in mats})}")
+    bad = [i for i, m in enumerate(mats) if not is_rdm(m)]
+    if bad:
+        raise LayertapError(f"subject RDM {bad[0]} is not square, symmetric and zero on the diagonal")
+    if len(mats) < 2:
+        raise LayertapError("the noise ceiling needs the RDMs of at least 2 subjects")
+    return np.stack(mats)
+
+
+def compare_to_subjects(
+    run: Any,
+    subject_rdms: Sequence[Any] | Any,
+    layers: Sequence[str] | str | None = None,
+    method: str = "rdm-spearman",
+    metric: str = "correlation",
+    stimuli: Any = None,
+    key: str | None = None,
+) -> tuple[dict[str, np.ndarray], tuple[float, float]]:
+    """Each layer's RDM against each subject's RDM, and the noise ceiling's (lower, upper) bounds.
+
+    Args:
+        run: a Run or run directory.
+        subject_rdms: see :func:`load_subject_rdms`.
+        layers: names or globs (default all).
+        method: ``rdm-pearson``, ``rdm-spearman`` or ``rdm-kendall_tau_a``.
+        metric: dissimilarity of the layer RDMs.
+        stimuli: ids of the RDMs' rows/columns (matched to the run's images by path, stem or name);
+            None: the RDMs follow the run's image order and size.
+        key: dataset/variable name in .h5/.mat files.
+
+    Returns:
+        ``({layer: (subjects,) similarities}, (lower, upper))``.
+    """
+    from ..analysis import _as_run, _parse_method, compare_rdms, rdm, select_layers, upper_triangle
+    from .encoding import _read_rows
+    from .responses import match_ids, read_labels
+
+    kind, what, _ = _parse_method(method)
+    if kind != "rdm":
+        raise LayertapError(f"subject RDMs are compared with an rdm-* method, not {method}")
+    r = _as_run(run)
+    subs = load_subject_rdms(subject_rdms, key)
+    n = subs.shape[1]
+    if stimuli is None:
+        if n != len(r.images):
+            raise LayertapError(
+                f"subject RDMs are {n}x{n} but the run has {len(r.images)} images: give --stimuli (ids of the rows)"
+            )
+        rows = None
+    else:
+        ids = read_labels(stimuli, ("stimulus", "stimulus_id", "id", "image", "path", "name"), None, "stimulus ids")
+        if len(ids) != n:
+            raise LayertapError(f"{len(ids)} stimulus ids for {n}x{n} RDMs")
+        rows, missing = match_ids(ids, r.images)
+        if missing:
+            raise LayertapError(f"{len(missing)} stimulus ids are not images of the run (e.g. {ids[missing[0]]!r})")
+    vecs = np.stack([upper_triangle(m) for m in subs])
+    common = np.all(np.isfinite(vecs), axis=0)  # pairs missing (NaN) in any subject: left out everywhere
+    vecs = vecs[:, common]
+    ceiling = rdm_noise_ceiling(vecs, what)
+    out: dict[str, np.ndarray] = {}
+    for layer in select_layers(r, layers):
+        data = r[layer] if rows is None else _read_rows(r[layer], rows, np.dtype(np.float64))
+        model = upper_triangle(rdm(data, metric))[common]
+        out[layer] = np.array([compare_rdms(model, v, what) for v in vecs])
+    return out, ceiling
+
+
+def cmd_compare_subjects(args: argparse.Namespace) -> None:
+    """``layertap compare RUN --subject-rdms ...``: per layer the mean over subjects, and the ceiling."""
+    from pathlib import Path
+
+    scores, (lower, upper) = compare_to_subjects(
+        args.run, args.subject_rdms, args.layers, args.method, args.metric, getattr(args, "stimuli", None), args.key
+    )
+    width = max(len(n) for n in scores)
+    n_sub = len(next(iter(scores.values())))
+    print(f"{'layer':<{width}}  mean over {n_sub} subjects  (sem)")
+    for layer, v in scores.items():
+        print(f"{layer:<{width}}  {v.mean(): .4f}  ({v.std(ddof=1) / np.sqrt(len(v)):.4f})")
+    print(f"noise ceiling ({args.method}): lower {lower:.4f}, upper {upper:.4f}")
+    if args.out:
+        from ..cli_analysis import _write_csv
+
+        header = ["layer", "mean", "sem", *[f"subject{i}" for i in range(n_sub)], "ceiling_lower", "ceiling_upper"]
+        rows = [[k, repr(float(v.mean())), repr(float(v.std(ddof=1) / np.sqrt(len(v)))), *map(repr, map(float, v)),
+                 repr(lower), repr(upper)] for k, v in scores.items()]
+        _write_csv(Path(args.out), header, rows)
+        print(f"table -> {args.out}")
+    if args.plot:
+        from ..plots import _figure, _save
+
+        names = list(scores)
+        fig = _figure((max(4.5, 0.55 * len(names) + 2.5), 3.4))
+        ax = fig.add_subplot(1, 1, 1)
+        x = np.arange(len(names))
+        means = np.array([scores[k].mean() for k in names])
+        sems = np.array([scores[k].std(ddof=1) / np.sqrt(n_sub) for k in names])
+        ax.bar(x, means, yerr=sems, color="C0", capsize=3, label=f"mean over {n_sub} subjects (± sem)", zorder=2)
+        # the ceiling over the bars (as rsatoolbox draws it), translucent so the bars stay readable
+        ax.axhspan(lower, upper, color="0.55", alpha=0.3, linewidth=0, label="noise ceiling (lower-upper)", zorder=3)
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=40 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+        ax.set_ylabel(args.method)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(frameon=False, fontsize=8)
+        print(f"plot -> {_save(fig, args.plot, 200)}")
