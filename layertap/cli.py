@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Listing every source imports each source's library (seconds); --source or --sources is faster.",
         epilog="examples:\n  layertap models --sources\n  layertap models --source torchvision\n"
         "  layertap models vit --pretrained",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
     )
     p.add_argument("--source", default=None, help="only this source (e.g. torchvision; default: every installed one)")
     p.add_argument("--sources", action="store_true", help="list the sources only: installed or not, and the extra")
@@ -501,20 +501,17 @@ def cmd_models(args: argparse.Namespace) -> None:
     from .catalog import model_catalog
     from .models import _sources
 
-    sources = _sources()
     if args.sources:  # one line per source: no source library is imported
-        from .models import package_available
-
-        for src in sources.values():
-            ok = src.package is None or package_available(src.package)
+        for src in _sources().values():
+            ok = src.available()
             install = "core" if src.extra is None else f"pip install 'layertap[{src.extra}]'"
             print(f"{src.name:<12} {'installed' if ok else 'not installed':<14} {install:<32} {src.description}")
         return
     for entry in model_catalog(args.source, refresh=args.refresh):
         if args.filter is None or args.filter.lower() in entry.name.lower():
-            mark = {None: "-", True: "pretrained", False: "random-only"}[entry.pretrained]
-            if args.pretrained and mark != "pretrained":
+            if args.pretrained and entry.pretrained is not True:
                 continue
+            mark = {None: "-", True: "pretrained", False: "random-only"}[entry.pretrained]
             print(f"{entry.name:<40} {mark:<11} {entry.extra or 'core':<5} {entry.info}".rstrip())
 
 

@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .aliases import INPUT, INPUT_SUFFIX
 from .data import ALPHA_BACKGROUND, ImageSet, iter_batches
 from .errors import LayertapError, option_spelling
 from .layers import output_tensor, resolve_layers, tappable
 from .layouts import CHANNELS_FIRST, CHANNELS_LAST, UNKNOWN, layer_layouts
 from .models import LoadedModel, as_loaded, check_seed, load_model
 from .reducers import Reducer, reducer_for
-from .storage import ARRAYS, MANIFEST, PROGRESS, STORAGE_DTYPES, Run, RunWriter, disk_error
+from .storage import ARRAYS, MANIFEST, PROGRESS, STORAGE_DTYPES, Run, RunWriter, disk_error, write_text_atomic
 
 log = logging.getLogger("layertap")
 
@@ -161,8 +162,8 @@ class Extractor:
     def _register(self, modules: dict[str, nn.Module], name: str) -> Any:
         """A forward hook on the layer; for ``input`` / ``MODULE:input`` (see :mod:`layertap.aliases`)
         a forward pre-hook on the model / that module, which captures its first positional input."""
-        if name == "input" or name.endswith(":input"):
-            target = self.module if name == "input" else modules[name[: -len(":input")]]
+        if name == INPUT or name.endswith(INPUT_SUFFIX):
+            target = self.module if name == INPUT else modules[name.removesuffix(INPUT_SUFFIX)]
             hook = self._hook(name)
             return target.register_forward_pre_hook(lambda m, args: hook(m, args, args[0] if args else None))
         return modules[name].register_forward_hook(self._hook(name))
@@ -295,6 +296,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise LayertapError("--device mps asked for, but MPS is not available; use --device cpu or auto")
     return dev
+
+
+def fold_untapped(loaded: LoadedModel, names: list[str]) -> tuple[LoadedModel, int]:
+    """Fold BatchNorm layers into the convs before them, except where a tapped layer would change.
+
+    Args:
+        loaded: the model.
+        names: the tapped layers (resolved names).
+
+    Returns:
+        The model (a folded copy when anything was folded: the caller's model is untouched) and
+        the number of BatchNorm layers folded.
+    """
+    from dataclasses import replace
+
+    from .speed import fold_batchnorm
+
+    # A tapped conv must keep its own (pre-BatchNorm) output; aliases name modules too.
+    protected = set(names) | {loaded.layer_aliases[n] for n in names if n in loaded.layer_aliases}
+    module, folded = fold_batchnorm(loaded.module, protected)
+    return (replace(loaded, module=module) if folded else loaded), folded
 
 
 def prepare_module(module: nn.Module, device: torch.device, channels_last: bool | str = "auto") -> bool:
@@ -439,15 +461,7 @@ def extract(
     dev = resolve_device(device)
     folded = 0
     if fold_bn:
-        from dataclasses import replace
-
-        from .speed import fold_batchnorm
-
-        # A tapped conv must keep its own (pre-BatchNorm) output; aliases name modules too.
-        protected = set(names) | {loaded.layer_aliases[n] for n in names if n in loaded.layer_aliases}
-        module, folded = fold_batchnorm(loaded.module, protected)
-        if folded:
-            loaded = replace(loaded, module=module)  # a folded copy: the caller's model is untouched
+        loaded, folded = fold_untapped(loaded, names)
     use_cl = prepare_module(loaded.module, dev, channels_last)
     options = {
         "batch_size": batch_size,
@@ -729,16 +743,6 @@ def _finished_read_only(out: Path, spec: dict[str, Any], err: LayertapError) -> 
     return run if run.complete and run.manifest.get("spec") == spec else None
 
 
-def write_lines_atomic(path: Path, lines: list[str]) -> None:
-    """Replace ``path`` by ``lines`` (one per line) so that readers see the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(ln + "\n" for ln in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def images_section(imageset: ImageSet, skipped: list[tuple[int, str]]) -> dict[str, Any]:
     """The manifest's ``images``: one row per stored row (path, target, class) and the skipped."""
     skipped_set = {i for i, _ in skipped}
@@ -821,7 +825,7 @@ class ValueLog:
                 except (ValueError, KeyError, TypeError):
                     continue  # a line torn by a kill: its rows were not committed (written before them)
         try:  # keep only what still counts; later batches append
-            write_lines_atomic(path, [self._line(i, k, *c) for (i, k), c in sorted(self.entries.items())])
+            write_text_atomic(path, "".join(self._line(i, k, *c) + "\n" for (i, k), c in sorted(self.entries.items())))
         except OSError as err:
             raise disk_error(err, path) from None
         self._file: Any = None

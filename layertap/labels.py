@@ -18,9 +18,11 @@ other              ``dim_0, dim_1, ...``
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
 from .errors import LayertapError
+from .planning import ITEMSIZE
 
 
 def dims_for(shape: tuple[int, ...] | list[int]) -> tuple[str, ...]:
@@ -100,10 +102,7 @@ def run_html(run: Any) -> str:
     rows = []
     for name in run.layers:
         arr = run[name]
-        size = arr.dtype.itemsize if arr.stored_dtype != "bfloat16" else 2
-        nbytes = size
-        for s in arr.shape:
-            nbytes *= s
+        nbytes = math.prod(arr.shape) * ITEMSIZE.get(arr.stored_dtype, arr.dtype.itemsize)
         rows.append(
             f"<tr><td><code>{html.escape(name)}</code></td><td>{'x'.join(map(str, arr.shape[1:]))}</td>"
             f"<td>{html.escape(', '.join(dims_for(arr.shape[1:])))}</td><td>{arr.stored_dtype}</td>"

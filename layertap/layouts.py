@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .aliases import INPUT, INPUT_SUFFIX
+
 CHANNELS_FIRST = "channels_first"
 CHANNELS_LAST = "channels_last"
 UNKNOWN = "unknown"
@@ -212,9 +214,9 @@ class LayoutInference:
 
     def layer(self, layer: str, module: nn.Module) -> str:
         """The layout of a tapped layer: a module's output, or ``MODULE:input`` / ``input``."""
-        if layer == "input":
+        if layer == INPUT:
             return CHANNELS_FIRST
-        if layer.endswith(":input"):
+        if layer.endswith(INPUT_SUFFIX):
             name = self.names.get(id(module))
             return UNKNOWN if name is None else self.input(name)
         name = self.names.get(id(module))
@@ -235,7 +237,7 @@ def layer_layouts(root: nn.Module, modules: dict[str, nn.Module], layers: list[s
     infer = LayoutInference(root)
     out: dict[str, str] = {}
     for layer in layers:
-        base = layer[: -len(":input")] if layer.endswith(":input") else layer
+        base = layer.removesuffix(INPUT_SUFFIX)
         module = modules.get(base, root)
         out[layer] = infer.layer(layer, module)
     return out

@@ -225,7 +225,7 @@ def plan(
     import torch
 
     from .data import iter_batches
-    from .extraction import Extractor, prepare_module, resolve_device
+    from .extraction import Extractor, fold_untapped, prepare_module, resolve_device
     from .layers import resolve_layers
     from .models import as_loaded, load_model
     from .storage import STORAGE_DTYPES
@@ -245,14 +245,7 @@ def plan(
     names = resolve_layers(loaded, layers)
     dev = resolve_device(device)
     if fold_bn:  # the run's speed, not its shapes, depends on it
-        from dataclasses import replace
-
-        from .speed import fold_batchnorm
-
-        protected = set(names) | {loaded.layer_aliases[k] for k in names if k in loaded.layer_aliases}
-        module, folded = fold_batchnorm(loaded.module, protected)
-        if folded:
-            loaded = replace(loaded, module=module)
+        loaded, _ = fold_untapped(loaded, names)
     use_cl = prepare_module(loaded.module, dev, "auto")
     k = min(probe, batch_size, n)
     seconds = None
@@ -274,7 +267,6 @@ def plan(
     x = x.to(dev)
     if use_cl and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    plain = Extractor(loaded, names)
     tap = Extractor(loaded, names, flatten=flatten, reduce=reduce)
     overhead = 0.0
     with tap:
@@ -293,8 +285,11 @@ def plan(
             # Decoding workers run beside the model: with cores to spare the slower of the two paces
             # the run; on a small machine (<= 2 cores) they share the cores, so the times add up.
             seconds = max(forward, decode / decoders) if decoders and cores > 2 else forward + decode
-    with plain:
-        raw = {key: tuple(t.shape[1:]) for key, t in plain(x[:1]).items()}
+    if flatten:  # the unflattened shapes need a second pass
+        with Extractor(loaded, names) as plain:
+            raw = {key: tuple(t.shape[1:]) for key, t in plain(x[:1]).items()}
+    else:  # only unreduced layers' raw shapes are used, and those are what the tap gave
+        raw = {key: tuple(t.shape[1:]) for key, t in feats.items()}
     itemsize = ITEMSIZE[dtype]
     layer_plans = []
     for key, t in feats.items():
@@ -320,5 +315,5 @@ def plan(
         free_bytes=free,
         seconds_per_image=seconds,
         overhead_seconds=overhead,
-        suggestions=_suggest(shapes, unreduced, n, itemsize, plain.layouts),
+        suggestions=_suggest(shapes, unreduced, n, itemsize, tap.layouts),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import os
 import tempfile
 from datetime import datetime
@@ -87,7 +88,7 @@ def write_report(
         The path written.
     """
     from .analysis import layer_similarity, rdm
-    from .planning import human_bytes
+    from .planning import ITEMSIZE, human_bytes
     from .plots import plot_layer_similarity, plot_rdm
     from .storage import Run
 
@@ -117,9 +118,7 @@ def write_report(
     for layer in r.layers:
         arr = r[layer]
         info = m["layers"][layer]
-        size = arr.shape[0] * (2 if arr.stored_dtype in ("float16", "bfloat16") else 4)
-        for s in arr.shape[1:]:
-            size *= s
+        size = math.prod(arr.shape) * ITEMSIZE.get(arr.stored_dtype, 4)
         label = f"{layer} ({aliases[layer]})" if layer in aliases else layer
         parts.append(
             f"<tr><td><code>{e(label)}</code></td><td>{'x'.join(map(str, arr.shape[1:]))}</td>"

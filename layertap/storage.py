@@ -68,15 +68,21 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that readers (and a resumed run) see the old or the new file, never half,
-    also after a power loss (the file and then its directory entry are fsynced)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` so that readers see the old or the new file, never half (the
+    file is fsynced before the rename; see :func:`write_json_atomic` for the directory too)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that readers (and a resumed run) see the old or the new file, never half,
+    also after a power loss (the file and then its directory entry are fsynced)."""
+    write_text_atomic(path, json.dumps(obj, indent=1))
     fsync_dir(path.parent)
 
 
@@ -756,17 +762,19 @@ class RunWriter:
             self.manifest = old
             if old.get("status") == "complete":
                 self.already_complete = True
-                if old.get("layers"):
-                    try:
-                        # Cheap (stat per chunk, no reads): 'nothing to do' must not read a 100 GB run.
-                        # Checksum damage is found by 'layertap verify', which records it for this check.
-                        self.damage = Run(self.path, check=False).damage
-                    except LayertapError:
-                        self.close()
-                        raise
+                if not old.get("layers"):
+                    return
+                try:
+                    # Cheap (stat per chunk, no reads): 'nothing to do' must not read a 100 GB run.
+                    # Checksum damage is found by 'layertap verify', which records it for this check.
+                    done = Run(self.path, check=False)
+                except LayertapError:
+                    self.close()
+                    raise
+                self.damage = done.damage
                 if not self.damage:
                     return
-                log.warning("%s", damage_message(Run(self.path, check=False), self.damage))
+                log.warning("%s", damage_message(done, self.damage))
             elif (self.path / PROGRESS).is_file():
                 self.progress = self._read_progress()
         else:
@@ -930,8 +938,7 @@ class RunWriter:
         buffers = self._buffers
         self._row_images = []
         r0, self._next_row = self._next_row, self._next_row + len(rows)
-        if not background:
-            self._wait()
+        if not background:  # nothing went in flight since the wait above
             self._commit(buffers, r0, len(rows), next_image, skips)
             return
         if self._pool is None:

@@ -185,12 +185,6 @@ def reliability(repeats: np.ndarray, method: str = "split-half", n_splits: int =
 # -- RSA: rsatoolbox's lower and upper bounds ------------------------------------------------------
 
 
-def _ranks(v: np.ndarray) -> np.ndarray:
-    from ..analysis import rank_average
-
-    return rank_average(v)
-
-
 def pool_rdms(vectors: np.ndarray, method: str) -> np.ndarray:
     """The RDM that best fits a group under ``method`` (rsatoolbox's ``pool_rdm`` definition).
 
@@ -207,7 +201,9 @@ def pool_rdms(vectors: np.ndarray, method: str) -> np.ndarray:
         v = v - v.mean(1, keepdims=True)
         v = v / v.std(1, keepdims=True)
     elif method in ("spearman", "kendall_tau_a"):
-        v = np.stack([_ranks(x) for x in v])
+        from ..analysis import rank_average
+
+        v = np.stack([rank_average(x) for x in v])
     elif method == "cosine":
         v = v / np.sqrt(np.mean(v**2, axis=1, keepdims=True))
     else:

@@ -17,10 +17,10 @@ from typing import Any
 from torch import nn
 
 from ..errors import LayertapError
+from ..hashing import file_sha256
 from ..models import (
     LoadedModel,
     Source,
-    file_sha256,
     finish_loading,
     imagenet_transform,
     module_fingerprint,

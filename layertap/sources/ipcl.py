@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import LayertapError, close_matches
+from ..hashing import file_sha256
 from ..models import (
     LoadedModel,
     Source,
@@ -325,7 +326,6 @@ SHA256_PREFIX = {
 def _download(url: str, name: str) -> dict[str, torch.Tensor]:
     """The published checkpoint of ``name``: downloaded into torch hub's cache (hash-checked while
     downloading) or read from it (hash-checked before loading)."""
-    from ..models import file_sha256
 
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     prefix = SHA256_PREFIX.get(name)
