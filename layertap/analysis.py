@@ -606,6 +606,8 @@ def layer_similarity(
     method: str = "rdm-spearman",
     metric: str = "correlation",
     block_rows: int | None = None,
+    *,
+    rdms: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """Similarity of every tapped layer of ``run_a`` with every layer of ``run_b`` (default: ``run_a``).
 
@@ -616,6 +618,8 @@ def layer_similarity(
     float64, rows = layers of run_a; labels are prefixed ``A:``/``B:`` when two runs are compared.
 
     Memory: the RDM methods keep one (N, N) float64 RDM per layer (8*N^2 bytes each).
+    ``rdms``: (N, N) RDMs of ``run_a``'s layers already computed with ``metric`` (e.g. for figures),
+    used instead of computing them again (RDM methods only).
     """
     kind, what, unbiased = _parse_method(method)
     ra = _as_run(run_a)
@@ -629,6 +633,8 @@ def layer_similarity(
     la = select_layers(ra, layers_a)
     lb = select_layers(rb, layers_b if (layers_b is not None or not same) else layers_a)
     cache: dict[tuple[int, str], Any] = {}
+    if kind == "rdm" and rdms:
+        cache.update({(0, layer): upper_triangle(np.asarray(d)) for layer, d in rdms.items()})
 
     def rep(run: Run, which: int, layer: str) -> Any:
         key = (0 if same else which, layer)

@@ -150,8 +150,9 @@ def write_report(
     if len(r.images) >= 3 and r.layers:
         parts.append(f"<h2>RDM per layer ({e(metric)})</h2><div class='figs'>")
         short = name.split(":", 1)[-1]
+        rdms: dict[str, Any] = {}  # reused by the layer x layer comparison below
         for layer in r.layers[:max_layers]:
-            d = rdm(r[layer], metric)
+            d = rdms[layer] = rdm(r[layer], metric)
             uri = _figure_uri(
                 lambda p, d=d, layer=layer: plot_rdm(
                     d, p, r.targets, classes, title=f"{short}, {layer}: RDM", measure=metric, dpi=80
@@ -160,7 +161,7 @@ def write_report(
             parts.append(f"<img src='{uri}' alt='RDM of {e(layer)}'>")
         parts.append("</div>")
         if len(r.layers) >= 2:
-            sim = layer_similarity(r, method="rdm-spearman", metric=metric)
+            sim = layer_similarity(r, method="rdm-spearman", metric=metric, rdms=rdms)
             uri = _figure_uri(
                 lambda p: plot_layer_similarity(
                     sim.matrix, sim.rows, sim.cols, p, title=f"{short}: layer x layer", measure="rdm-spearman", dpi=110

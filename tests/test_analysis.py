@@ -406,6 +406,17 @@ def test_layer_similarity_one_run(run: lt.Run) -> None:
         an.layer_similarity(run, method="cca")
 
 
+def test_layer_similarity_reuses_given_rdms(run: lt.Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = (flat(run, name) for name in LAYERS)
+    given = {LAYERS[0]: squareform(pdist(a, "correlation"))}
+    computed: list[str] = []
+    real = an.rdm
+    monkeypatch.setattr(an, "rdm", lambda x, *args, what=None, **kw: computed.append(what) or real(x, *args, **kw))
+    m, _, _ = an.layer_similarity(run, rdms=given)
+    assert computed == [LAYERS[1]]  # only the layer whose RDM was not given
+    assert m[0, 1] == pytest.approx(stats.spearmanr(pdist(a, "correlation"), pdist(b, "correlation"))[0], abs=1e-10)
+
+
 def test_layer_similarity_two_runs(run: lt.Run, tmp_path: Path) -> None:
     # another network (other random weights) on the same images: every entry against the plain formula
     images = Path(run.manifest["images"]["root"])
