@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from layertap.data import default_workers
+    from layertap.data.images import default_workers
 
     counts = [int(c) for c in a.counts.split(",")] if a.counts else ([100, 200, 300] if a.quick else [1000, 2000, 3000])
     workers = default_workers() if a.workers is None else a.workers

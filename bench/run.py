@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from layertap.data import default_workers
+    from layertap.data.images import default_workers
 
     n = a.images or (64 if a.quick else 512)
     sizes = parse_sizes(a.sizes)

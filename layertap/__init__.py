@@ -6,46 +6,44 @@ run = lt.extract(model, "./images", layers=["layer3", "avgpool"], out="./acts")
 run["avgpool"][:10]
 """
 
-import sys
-import types
 from typing import Any
 
 # Names are imported on first use (PEP 562): 'import layertap' and the command line's argument parsing
 # stay fast (torch is imported only when a function needs it).
 _SUBMODULES = ("analysis", "clip", "encode")  # encode: a callable module, lt.encode(run, responses, ...)
 _NAMES = {
-    "ModelEntry": "catalog",
-    "model_catalog": "catalog",
-    "ImageSet": "data",
+    "ModelEntry": "models.catalog",
+    "model_catalog": "models.catalog",
+    "ImageSet": "data.images",
     "LayertapError": "errors",
-    "Extractor": "extraction",
-    "extract": "extraction",
-    "export": "formats",
-    "merge_activations": "formats",
-    "slices2tensor": "formats",
-    "split_activations": "formats",
-    "tensor2slices": "formats",
-    "LayerInfo": "layers",
-    "list_layers": "layers",
-    "resolve_layers": "layers",
-    "LoadedModel": "models",
-    "from_module": "models",
-    "list_models": "models",
-    "list_sources": "models",
-    "load_model": "models",
-    "register_source": "models",
-    "Plan": "planning",
-    "plan": "planning",
-    "PCA": "postprocess",
-    "SparseRandomProjection": "postprocess",
-    "feature_map_ensemble": "postprocess",
-    "postprocess": "postprocess",
-    "open_stimuli": "stimuli",
-    "LayerArray": "storage",
-    "Run": "storage",
-    "VerifyResult": "storage",
-    "open_run": "storage",
-    "verify_run": "storage",
+    "Extractor": "extraction.pipeline",
+    "extract": "extraction.pipeline",
+    "export": "store.export",
+    "merge_activations": "store.export",
+    "slices2tensor": "store.export",
+    "split_activations": "store.export",
+    "tensor2slices": "store.export",
+    "LayerInfo": "extraction.layers",
+    "list_layers": "extraction.layers",
+    "resolve_layers": "extraction.layers",
+    "LoadedModel": "models.registry",
+    "from_module": "models.registry",
+    "list_models": "models.registry",
+    "list_sources": "models.registry",
+    "load_model": "models.registry",
+    "register_source": "models.registry",
+    "Plan": "extraction.planning",
+    "plan": "extraction.planning",
+    "PCA": "process.postprocess",
+    "SparseRandomProjection": "process.postprocess",
+    "feature_map_ensemble": "process.postprocess",
+    "postprocess": "process.postprocess",
+    "open_stimuli": "data.stimuli",
+    "LayerArray": "store.run",
+    "Run": "store.run",
+    "VerifyResult": "store.run",
+    "open_run": "store.run",
+    "verify_run": "store.run",
 }
 
 
@@ -65,18 +63,6 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *_SUBMODULES, *_NAMES})
 
-
-class _Package(types.ModuleType):
-    """Importing the submodule ``layertap.postprocess`` sets the package attribute of that name; the
-    function of the same name keeps it (as the eager ``from .postprocess import postprocess`` did)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if _NAMES.get(name) == name and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 __version__ = "0.1.0"

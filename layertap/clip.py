@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import LayertapError
-from .models import LoadedModel, load_model, require
+from layertap.errors import LayertapError
+from layertap.models.registry import LoadedModel, load_model, require
 
 DEFAULT_TEMPLATE = "{}"
 #: OpenAI's learned logit scale (exp(4.6052)) is 100; the seed documents logits as cosine x 100

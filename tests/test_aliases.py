@@ -11,8 +11,9 @@ import torch
 import torchvision.models as tvm
 
 import layertap as lt
-from layertap.aliases import alias_table, blocks, head, resolve_alias
+from layertap.data.images import load_rgb
 from layertap.errors import LayertapError
+from layertap.extraction.aliases import alias_table, blocks, head, resolve_alias
 
 
 def _meta_model(name: str) -> torch.nn.Module:
@@ -177,7 +178,7 @@ def test_manifest_records_real_names_and_the_alias(image_dir: Path, tmp_path: Pa
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["layer_aliases"] == {"penultimate": "fc:input", "block:-1": "layer4"}
     assert manifest["layers_requested"] == ["penultimate", "block:-1"]
-    x = torch.stack([model.transform(lt.data.load_rgb(str(image_dir / p))) for p in run.images])
+    x = torch.stack([model.transform(load_rgb(str(image_dir / p))) for p in run.images])
     with torch.no_grad():
         ref = model.module.fc.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
         seen: list[torch.Tensor] = []
@@ -189,7 +190,7 @@ def test_manifest_records_real_names_and_the_alias(image_dir: Path, tmp_path: Pa
 def test_layers_command_lists_the_aliases(capsys: pytest.CaptureFixture[str]) -> None:
     import re
 
-    from layertap import cli
+    from layertap.cli import main as cli
 
     assert cli.main(["layers", "resnet18", "--aliases", "--input-size", "64", "64"]) == 0
     text = capsys.readouterr().out

@@ -21,7 +21,7 @@ from scipy import stats
 from scipy.spatial.distance import pdist, squareform
 
 import layertap as lt
-from layertap import analysis as an
+from layertap.analysis import similarity as an
 from layertap.errors import LayertapError
 
 LAYERS = ["features.2", "classifier.4"]
@@ -515,7 +515,7 @@ def test_rsatoolbox_hand_off(run: lt.Run) -> None:
     [
         (["rsatoolbox", "rsatoolbox.data"], lambda r: an.to_rsatoolbox(r, "classifier.4"), "rsa"),
         (["rsatoolbox", "rsatoolbox.rdm"], lambda r: an.rdms_to_rsatoolbox(r), "rsa"),
-        (["matplotlib"], lambda r: __import__("layertap.plots").plots.plot_rdm(np.zeros((3, 3)), "x.png"), "plots"),
+        (["matplotlib"], lambda r: __import__("layertap.analysis.plots").analysis.plots.plot_rdm(np.zeros((3, 3)), "x.png"), "plots"),
         (["sklearn", "sklearn.manifold"], lambda r: an_plots().mds_embedding(np.ones((3, 3)) - np.eye(3)), "plots"),
     ],
 )
@@ -530,7 +530,7 @@ def test_missing_optional_package(run: lt.Run, monkeypatch: pytest.MonkeyPatch, 
 
 
 def an_plots():
-    from layertap import plots
+    from layertap.analysis import plots
 
     return plots
 
@@ -553,7 +553,7 @@ def check_image(path: Path, size: tuple[int, int] | None) -> None:
 def test_plots(run: lt.Run, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     pytest.importorskip("sklearn")
-    from layertap import plots
+    from layertap.analysis import plots
 
     D = an.rdm(run["classifier.4"])
     shuffled = np.array([2, 0, 1, 5, 4, 3])  # class grouping must reorder
@@ -582,7 +582,7 @@ def test_plots(run: lt.Run, tmp_path: Path) -> None:
 
 
 def cli(*argv: str) -> None:
-    from layertap.cli_analysis import add_analysis_commands
+    from layertap.cli.analysis import add_analysis_commands
 
     parser = argparse.ArgumentParser(prog="layertap")
     add_analysis_commands(parser.add_subparsers(dest="command", required=True))

@@ -21,9 +21,10 @@ from torch import nn
 from torchvision import transforms as T
 
 import layertap as lt
-from layertap import storage
-from layertap.cli import main
-from layertap.data import ImageSet, load_rgb
+import layertap.store.run as lt_store
+from layertap.cli.main import main
+from layertap.data.images import ImageSet, load_rgb
+from layertap.store import run as storage
 
 SIZE = 32
 TF = T.Compose([T.Resize((SIZE, SIZE)), T.ToTensor()])
@@ -142,7 +143,7 @@ def test_unfinished_postprocess_output_does_not_block_and_overwrite_is_spelled(
 ) -> None:
     run = lt.extract(tiny(), image_dir, ["2"], tmp_path / "r", workers=0)
     out = tmp_path / "c"
-    from layertap.postprocess import _NewRun
+    from layertap.process.postprocess import _NewRun
 
     _NewRun(run, out, overwrite=False)  # what a kill -9 during postprocess leaves: status "running"
     centred = lt.postprocess(run, out, center=True)  # replaces it without overwrite=True
@@ -184,7 +185,7 @@ def test_export_non_utf8_file_names(tmp_path: Path, caplog) -> None:
 
 
 def test_failed_export_leaves_no_partial_file(image_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    from layertap import formats
+    from layertap.store import export as formats
 
     run = lt.extract(tiny(), image_dir, ["0", "2"], tmp_path / "r", workers=0)
 
@@ -404,7 +405,7 @@ def test_merging_shards_of_different_counts_says_so(image_dir: Path, tmp_path: P
     for part in ("0/2", "1/3"):
         lt.extract(model, image_dir, ["2"], tmp_path / "o", workers=0, batch_size=2, shard=part, merge=False)
     with pytest.raises(lt.LayertapError) as err:
-        lt.storage.merge_shards(tmp_path / "o")
+        lt_store.merge_shards(tmp_path / "o")
     msg = str(err.value)
     assert "(2 shards expected; missing: 1; shards of different counts were mixed)" in msg, msg
     assert "shards of 2 shards" not in msg

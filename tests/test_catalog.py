@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from layertap import catalog as cat
-from layertap.models import _sources
+from layertap.models import catalog as cat
+from layertap.models.registry import _sources
 
 
 @pytest.fixture()
@@ -21,7 +21,7 @@ def test_cached_listing_equals_a_fresh_one_and_skips_the_source(cache: Path, mon
     fresh = cat.model_catalog("ipcl")
     # independent reference: the source's own list and published weights, read directly
     assert [e.name for e in fresh] == [f"ipcl:{m}" for m in ipcl.list_models()]
-    from layertap.sources.ipcl import CONFIGS
+    from layertap.models.sources.ipcl import CONFIGS
 
     assert {e.name.split(":")[1] for e in fresh if e.pretrained} == {n for n, c in CONFIGS.items() if c.get("url")}
     assert all(e.pretrained is not None for e in fresh)
@@ -47,7 +47,7 @@ def test_damaged_or_stale_cache_is_rebuilt(cache: Path, monkeypatch: pytest.Monk
 
 
 def test_cli_models_rows_come_from_the_catalog(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from layertap.cli import main
+    from layertap.cli.main import main
 
     assert main(["models", "--source", "ipcl"]) == 0
     first = capsys.readouterr().out

@@ -18,7 +18,8 @@ from conftest import make_class_folder, photo
 from PIL import Image
 
 import layertap as lt
-from layertap.cluster import shard_from_env, write_slurm_scripts
+import layertap.store.run as lt_store
+from layertap.shards.cluster import shard_from_env, write_slurm_scripts
 
 ARGS = [
     "--model",
@@ -156,17 +157,17 @@ def test_cancelled_shard_resumes_and_merge_waits(
     for i in (0, 2):
         lt.extract("alexnet", stimuli, layers, out, shard=(i, 3), **kw)
     with pytest.raises(lt.LayertapError, match="missing: 1"):
-        lt.storage.merge_shards(out)
+        lt_store.merge_shards(out)
 
     def cancelled(*_a: object, **_k: object) -> None:
         raise KeyboardInterrupt  # scancel / Ctrl-C at the very end of the shard
 
     with monkeypatch.context() as m:
-        m.setattr(lt.storage.RunWriter, "finish", cancelled)
+        m.setattr(lt_store.RunWriter, "finish", cancelled)
         with pytest.raises(KeyboardInterrupt):
             lt.extract("alexnet", stimuli, layers, out, shard=(1, 3), **kw)
     with pytest.raises(lt.LayertapError, match="unfinished: 1"):
-        lt.storage.merge_shards(out)
+        lt_store.merge_shards(out)
     run = lt.extract("alexnet", stimuli, layers, out, shard="1/3", **kw)  # resubmitted: resumes, then merges
     assert_same_store(run, unsharded)
 
@@ -291,7 +292,7 @@ def test_slurm_scripts_resolve_relative_paths(
     array task's command works from any directory (Slurm starts it elsewhere); its log says what it stored."""
     import torch
 
-    from layertap import cli
+    from layertap.cli import main as cli
 
     project, elsewhere = tmp_path.resolve() / "project", tmp_path / "elsewhere"
     make_class_folder(project / "imgs", per_class=2, classes=("a", "b"))
@@ -329,7 +330,7 @@ def test_slurm_scripts_resolve_relative_paths(
         assert ", 0 skipped, 2 rows in all" in log
     merge = (project / "acts" / "slurm" / "merge.sbatch").read_text()
     assert f"layertap merge {project / 'acts'}\n" in merge
-    merged = lt.storage.merge_shards(project / "acts")
+    merged = lt_store.merge_shards(project / "acts")
     kw = {"weights": project / "w.pt", "batch_size": 2, "workers": 0, "progress": False, "shard": None}
     direct = lt.extract(f"{project}/net.py:build", project / "imgs", ["conv", "fc"], tmp_path / "direct", **kw)
     assert merged.images == direct.images and len(direct.images) == 4
@@ -338,7 +339,7 @@ def test_slurm_scripts_resolve_relative_paths(
 
 
 def test_slurm_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
-    from layertap.cli import build_parser
+    from layertap.cli.main import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["slurm", "--help"])
@@ -348,7 +349,7 @@ def test_slurm_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_absolute_paths_of_every_path_option(tmp_path: Path) -> None:
-    from layertap.cluster import absolute_paths
+    from layertap.shards.cluster import absolute_paths
 
     tmp_path = tmp_path.resolve()  # what the paths resolve to, symlinks followed
     for name in ("imgs", "hfmodel", "acts"):

@@ -11,7 +11,7 @@ from conftest import photo
 from PIL import Image
 
 import layertap as lt
-from layertap.data import ImageSet, load_rgb
+from layertap.data.images import ImageSet, load_rgb
 
 
 def test_flat_folder_any_case_extension(flat_dir: Path) -> None:

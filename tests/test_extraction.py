@@ -173,7 +173,7 @@ def test_same_command_is_deterministic(image_dir: Path, tmp_path: Path) -> None:
 
 
 def test_batchnorm_folding_is_exact_safe_and_leaves_the_model_alone(image_dir: Path, tmp_path: Path) -> None:
-    from layertap.speed import fold_batchnorm, foldable_pairs
+    from layertap.extraction.graph import fold_batchnorm, foldable_pairs
 
     model = lt.load_model("resnet18", weights="random", seed=8)
     # give the BatchNorms non-trivial statistics, as trained ones have
@@ -264,7 +264,7 @@ def test_autocast_is_opt_in_and_close_but_not_exact(image_dir: Path, tmp_path: P
 
 
 def test_folded_copy_is_reused_only_while_the_model_is_unchanged(image_dir: Path, tmp_path: Path) -> None:
-    from layertap.speed import fold_batchnorm
+    from layertap.extraction.graph import fold_batchnorm
 
     model = lt.load_model("resnet18", weights="random", seed=6)
     first, n = fold_batchnorm(model.module, {"layer1"})
@@ -286,7 +286,7 @@ def test_folded_copy_is_reused_only_while_the_model_is_unchanged(image_dir: Path
 
 
 def test_compiled_graph_is_reused_only_while_the_modules_are_the_same() -> None:
-    from layertap.speed import compiled_tap_graph
+    from layertap.extraction.graph import compiled_tap_graph
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=True), torch.nn.Conv2d(4, 2, 3)).eval()

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import layertap as lt
-from layertap.data import _Decoded, load_rgb
+from layertap.data.images import _Decoded, load_rgb
 
 
 def png_with_size(width: int, height: int) -> bytes:

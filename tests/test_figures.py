@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import layertap as lt
-from layertap import cli, plots
+from layertap.analysis import plots
+from layertap.cli import main as cli
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_reference_comparison_is_a_bar_chart_with_bootstrap_cis(run: lt.Run, tmp
 def test_bootstrap_ci() -> None:
     from scipy.spatial.distance import pdist, squareform
 
-    from layertap.results import bootstrap_ci
+    from layertap.analysis.results import bootstrap_ci
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(30, 5))
@@ -101,8 +102,8 @@ def test_bootstrap_ci_of_tau_a_is_tau_a() -> None:
     from scipy.spatial.distance import pdist, squareform
     from scipy.stats import kendalltau
 
+    from layertap.analysis.results import bootstrap_ci
     from layertap.errors import LayertapError
-    from layertap.results import bootstrap_ci
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(12, 4))

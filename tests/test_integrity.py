@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 import layertap as lt
-from layertap import storage
-from layertap.cli import main
+from layertap.cli.main import main
+from layertap.store import run as storage
 
 FACTORY = """
 import torch

@@ -16,7 +16,7 @@ from torchvision.ops import Permute
 
 import layertap as lt
 from layertap.errors import LayertapError
-from layertap.models import imagenet_transform
+from layertap.models.registry import imagenet_transform
 
 
 def _hooked(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ def test_extract_records_layout_in_manifest(swin: nn.Module, image_dir: Path, tm
 
 
 def test_plan_suggests_avg_sizes_from_the_channel_axis() -> None:
-    from layertap.planning import _suggest
+    from layertap.extraction.planning import _suggest
 
     shape = (16, 16, 96)  # a Swin (H, W, C) map: avg keeps C = 96 numbers, avg:2 keeps 4 * 96
     got = dict(_suggest({"f": shape}, {"f": shape}, 10, 4, {"f": "channels_last"}))

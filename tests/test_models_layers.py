@@ -10,7 +10,7 @@ import torch
 import torchvision.models as tvm
 
 import layertap as lt
-from layertap.layers import format_layer_table
+from layertap.extraction.layers import format_layer_table
 
 SEED_MODELS = ["alexnet", "resnet50", "resnet101", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import layertap as lt
-from layertap import cli
+from layertap.cli import main as cli
 
-plan_mod = importlib.import_module("layertap.planning")
+plan_mod = importlib.import_module("layertap.extraction.planning")
 
 
 @pytest.fixture(scope="module")

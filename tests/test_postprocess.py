@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 import layertap as lt
-from layertap import formats
 from layertap.errors import LayertapError
+from layertap.store import export as formats
 
-pp = importlib.import_module("layertap.postprocess")  # the module; lt.postprocess is the function
+pp = importlib.import_module("layertap.process.postprocess")  # the module; lt.postprocess is the function
 
 LAYERS = ["features.2", "features.5", "classifier.4", "classifier.5"]
 

@@ -290,7 +290,7 @@ def test_ipcl_pretrained_from_torch_hub_cache(
 ) -> None:
     from torchvision import transforms as T
 
-    from layertap.sources import ipcl
+    from layertap.models.sources import ipcl
 
     sd = ipcl_checkpoint(4)
     file = caches.torch_checkpoints / Path(ipcl.CONFIGS["ipcl1"]["url"]).name

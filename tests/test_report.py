@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import layertap as lt
-from layertap import cli
+from layertap.cli import main as cli
 
 
 class _Refs(HTMLParser):

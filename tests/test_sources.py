@@ -185,7 +185,7 @@ def test_text_offline_is_one_whole_line(layertap_cli, tmp_path: Path) -> None:
 
 
 def test_option_json_errors_say_where(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from layertap.cli import main
+    from layertap.cli.main import main
 
     args = ["extract", "--model", "hf:vit", "--weights", "random", "--layers", "x", "--images", str(tmp_path)]
     code = main([*args, "--out", str(tmp_path / "o"), "--option", "config={hidden_size: 384}"])
@@ -194,7 +194,7 @@ def test_option_json_errors_say_where(capsys: pytest.CaptureFixture[str], tmp_pa
     assert "--option config: invalid JSON at column 2 (Expecting property name enclosed in double quotes)" in err
     assert "mapping" not in err and "internet" not in err
     # plain words stay strings; valid JSON is parsed
-    from layertap.cli import _options
+    from layertap.cli.main import _options
 
     assert _options(["transform=validation", 'config={"hidden_size": 8}', "n=3"]) == {
         "transform": "validation",
@@ -286,7 +286,7 @@ def test_hf_convnext_module_names(image_dir: Path, tmp_path: Path) -> None:
 
 # -- IPCL -------------------------------------------------------------------------------------------
 def test_ipcl_released_checkpoint_format_and_layers(tmp_path: Path) -> None:
-    from layertap.sources.ipcl import AlexNetGN
+    from layertap.models.sources.ipcl import AlexNetGN
 
     torch.manual_seed(3)
     net = AlexNetGN(128, True)
@@ -306,7 +306,7 @@ def test_ipcl_released_checkpoint_format_and_layers(tmp_path: Path) -> None:
 
 
 def test_ipcl_pretrained_from_cache_and_transforms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from layertap.sources.ipcl import CONFIGS, AlexNetGN
+    from layertap.models.sources.ipcl import CONFIGS, AlexNetGN
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
@@ -319,7 +319,7 @@ def test_ipcl_pretrained_from_cache_and_transforms(tmp_path: Path, monkeypatch: 
     torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, cache)
     import hashlib
 
-    from layertap.sources import ipcl  # our file stands in for the released one: its hash prefix too
+    from layertap.models.sources import ipcl  # our file stands in for the released one: its hash prefix too
 
     monkeypatch.setitem(ipcl.SHA256_PREFIX, "ipcl8", hashlib.sha256(cache.read_bytes()).hexdigest()[:10])
     stim = lt.load_model("ipcl:ipcl8")

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import layertap as lt
-from layertap import storage
+from layertap.store import run as storage
 
 OLD = Path(__file__).parent / "data" / "old_runs"
 EXAMPLES = Path(__file__).parents[1] / "examples" / "images" / "textures"

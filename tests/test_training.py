@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import layertap as lt
+from layertap.cli.train import add_train_commands
 from layertap.training import (
     AugmentConfig,
     IPCLCriterion,
@@ -27,7 +28,6 @@ from layertap.training import (
     train_ipcl,
 )
 from layertap.training.augment import N_UNIFORMS, draw_uniforms
-from layertap.training.cli import add_train_commands
 
 TINY_NET = """
 from torch import nn
@@ -461,7 +461,7 @@ def _reference_probe(run: Path, layer: str, train: Path, val: Path, epochs: int,
     one batch of 256), shuffled by a generator seeded like the probe's. Returns (val, train) top-1 %."""
     from conftest import reference_outputs
 
-    from layertap.data import load_rgb
+    from layertap.data.images import load_rgb
     from layertap.training.ipcl import load_trained
 
     loaded = load_trained(run)
@@ -572,7 +572,7 @@ def test_ipcl_checkpoints_are_hash_checked(tmp_path: Path, monkeypatch: pytest.M
     while torch hub downloads them (a file:// URL stands in for the server) and when read from its cache."""
     import hashlib
 
-    from layertap.sources import ipcl
+    from layertap.models.sources import ipcl
 
     assert {n for n, c in ipcl.CONFIGS.items() if c["url"]} == set(ipcl.SHA256_PREFIX)
     assert all(len(p) == 10 and int(p, 16) >= 0 for p in ipcl.SHA256_PREFIX.values())

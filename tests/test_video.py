@@ -103,7 +103,7 @@ def frame_values(batch_images: torch.Tensor) -> list[int]:
 def test_frame_selection_every_fps_times_exact(videos: dict[str, Path], tmp_path: Path) -> None:
     from torchvision.transforms import ToTensor
 
-    from layertap.video import VideoSet, probe
+    from layertap.data.video import VideoSet, probe
 
     info = probe(videos["lossless"])
     assert info.n_frames == 30 and info.end == 3 and info.times[:3] == [0, Fraction(1, 10), Fraction(1, 5)]
@@ -147,7 +147,7 @@ def test_frame_selection_every_fps_times_exact(videos: dict[str, Path], tmp_path
 def test_variable_frame_rate_uses_presentation_timestamps(videos: dict[str, Path]) -> None:
     from torchvision.transforms import ToTensor
 
-    from layertap.video import VideoSet, probe
+    from layertap.data.video import VideoSet, probe
 
     info = probe(videos["vfr"])
     assert [float(t) for t in info.times] == [0, 0.1, 0.15, 0.4, 0.41, 0.7, 1.0, 1.01, 1.5, 2.0]
@@ -167,7 +167,7 @@ def test_video_frames_match_plain_model(videos: dict[str, Path], tmp_path: Path)
     run = lt.extract(
         model, videos["mixed"], ["layer3", "avgpool"], tmp_path / "run", batch_size=4, workers=1, progress=False
     )
-    from layertap.stimuli import open_stimuli
+    from layertap.data.stimuli import open_stimuli
 
     vs = open_stimuli(videos["mixed"], model=model, every=3)
     assert [f[0] for f in vs.frames] == [0, 3, 6, 9, 12, 0, 3, 6]
@@ -191,7 +191,7 @@ def test_video_model_clips_match_plain_model(videos: dict[str, Path], tmp_path: 
     assert model.input_size == (3, 16, 112, 112)
     shapes = {i.name: i.shape for i in lt.list_layers(model, (3, 4, 112, 112))}  # clips in, not images
     assert shapes["layer4"] == (512, 1, 7, 7) and shapes["avgpool"] == (512, 1, 1, 1)
-    from layertap.stimuli import open_stimuli
+    from layertap.data.stimuli import open_stimuli
 
     clips = open_stimuli(videos["lossless"], model=model, clip_len=4, clip_stride=9)
     run = lt.extract(
@@ -224,7 +224,7 @@ def test_video_model_clips_match_plain_model(videos: dict[str, Path], tmp_path: 
 
 def test_reducers_on_5d_outputs() -> None:
     t = torch.randn(2, 3, 4, 5, 6)
-    from layertap.reducers import parse_reducer as R  # noqa: N812
+    from layertap.extraction.reducers import parse_reducer as R  # noqa: N812
 
     assert torch.equal(R("avg")(t), t.mean(dim=(2, 3, 4)))
     assert torch.equal(R("max")(t), t.amax(dim=(2, 3, 4)))
@@ -246,8 +246,8 @@ def _bytes(run: lt.Run) -> dict[str, bytes]:
 def test_video_resume_and_shards_are_byte_identical(
     videos: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from layertap.stimuli import open_stimuli
-    from layertap.storage import RunWriter
+    from layertap.data.stimuli import open_stimuli
+    from layertap.store.run import RunWriter
 
     model = lt.load_model("resnet18", "random")
     frames = open_stimuli(videos["lossless"], model=model, fps=3)
@@ -305,7 +305,7 @@ def test_stimulus_arrays_npy_and_h5_match_plain_model(tmp_path: Path) -> None:
     np.testing.assert_allclose(run["features.10"][:], ref["features.10"].numpy(), rtol=1e-4, atol=1e-4)
     assert [r["index"] for r in run.manifest["images"]["rows"]] == list(range(7))
 
-    from layertap.stimuli import open_stimuli
+    from layertap.data.stimuli import open_stimuli
 
     h5 = open_stimuli(f"{tmp_path / 'stim.h5'}:stimuli/rgb", ids=tmp_path / "ids.csv")
     run = lt.extract(model, h5, ["features.10"], tmp_path / "h5", batch_size=3, workers=1, progress=False)
@@ -340,8 +340,8 @@ def test_stimulus_arrays_npy_and_h5_match_plain_model(tmp_path: Path) -> None:
 
 
 def test_bad_videos_are_recorded_skips_or_clear_errors(videos: dict[str, Path], tmp_path: Path) -> None:
-    from layertap.stimuli import open_stimuli
-    from layertap.video import VideoSet
+    from layertap.data.stimuli import open_stimuli
+    from layertap.data.video import VideoSet
 
     folder = tmp_path / "bad"
     folder.mkdir()
@@ -391,7 +391,7 @@ def test_bad_videos_are_recorded_skips_or_clear_errors(videos: dict[str, Path], 
 
 
 def test_cli_video_frames(videos: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from layertap.cli import main
+    from layertap.cli.main import main
 
     times = tmp_path / "times.tsv"
     times.write_text("time\n0.5\n1.25\n")

@@ -16,10 +16,10 @@ import sys
 import types
 from typing import Any
 
-from .ceiling import ncsnr, nsd_noise_ceiling, rdm_noise_ceiling, reliability, split_half_reliability
-from .encoding import encode
-from .responses import Responses, match_ids, prepare_responses
-from .scores import EncodingScores
+from layertap.encode.ceiling import ncsnr, nsd_noise_ceiling, rdm_noise_ceiling, reliability, split_half_reliability
+from layertap.encode.encoding import encode
+from layertap.encode.responses import Responses, match_ids, prepare_responses
+from layertap.encode.scores import EncodingScores
 
 __all__ = [
     "EncodingScores",

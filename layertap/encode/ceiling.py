@@ -36,7 +36,7 @@ import warnings
 
 import numpy as np
 
-from ..errors import LayertapError
+from layertap.errors import LayertapError
 
 CEILINGS = ("split-half", "ncsnr")
 
@@ -201,7 +201,7 @@ def pool_rdms(vectors: np.ndarray, method: str) -> np.ndarray:
         v = v - v.mean(1, keepdims=True)
         v = v / v.std(1, keepdims=True)
     elif method in ("spearman", "kendall_tau_a"):
-        from ..analysis import rank_average
+        from layertap.analysis.similarity import rank_average
 
         v = np.stack([rank_average(x) for x in v])
     elif method == "cosine":
@@ -214,7 +214,7 @@ def pool_rdms(vectors: np.ndarray, method: str) -> np.ndarray:
 def _compare(a: np.ndarray, b: np.ndarray, method: str) -> float:
     if method == "cosine":
         return float(a @ b / np.sqrt((a @ a) * (b @ b)))
-    from ..analysis import compare_rdms
+    from layertap.analysis.similarity import compare_rdms
 
     return float(compare_rdms(a, b, method))
 
@@ -232,7 +232,7 @@ def rdm_noise_ceiling(subject_rdms: np.ndarray, method: str = "spearman") -> tup
     """
     v = np.asarray(subject_rdms, dtype=np.float64)
     if v.ndim == 3:
-        from ..analysis import upper_triangle
+        from layertap.analysis.similarity import upper_triangle
 
         v = np.stack([upper_triangle(m) for m in v])
     if v.ndim != 2 or v.shape[0] < 2:

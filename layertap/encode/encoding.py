@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LayertapError
-from ..hashing import file_sha256
-from .ceiling import CEILINGS, reliability
-from .responses import Responses, match_ids, prepare_responses, read_labels
-from .ridge import BACKENDS, choose_solver, fit_predict, himalaya_backend, parse_alphas
+from layertap.encode.ceiling import CEILINGS, reliability
+from layertap.encode.responses import Responses, match_ids, prepare_responses, read_labels
+from layertap.encode.ridge import BACKENDS, choose_solver, fit_predict, himalaya_backend, parse_alphas
+from layertap.errors import LayertapError
+from layertap.hashing import file_sha256
 
 log = logging.getLogger("layertap")
 
@@ -144,7 +144,7 @@ def _reduce(xs: np.ndarray, train: np.ndarray, how: tuple[str, int, int], seed: 
         return pca.transform(xs).astype(xs.dtype, copy=False)
     from scipy import sparse
 
-    from ..postprocess import SparseRandomProjection
+    from layertap.process.postprocess import SparseRandomProjection
 
     # layertap's SRP matrix (the one --reduce srp:K applies at extraction), applied in the working dtype
     unit, comp, value = SparseRandomProjection(k, seed=rseed).triplets(xs.shape[1])
@@ -263,8 +263,8 @@ def encode(
     Returns:
         :class:`~layertap.encode.scores.EncodingScores`.
     """
-    from ..analysis import _as_run, select_layers
-    from .scores import EncodingScores
+    from layertap.analysis.similarity import _as_run, select_layers
+    from layertap.encode.scores import EncodingScores
 
     # None = the default; an explicitly asked-for ceiling without repeats must not be dropped silently
     ceiling_asked = ceiling is not None

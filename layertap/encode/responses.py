@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LayertapError
+from layertap.errors import LayertapError
 
 log = logging.getLogger("layertap")
 
@@ -95,7 +95,7 @@ def _table_matrix(path: Path) -> tuple[np.ndarray, list[str] | None]:
 
 
 def _h5_array(path: Path, key: str | None) -> np.ndarray:
-    from ..analysis import require
+    from layertap.analysis.similarity import require
 
     h5py = require("h5py", "encode", "reading .h5 / MATLAB v7.3 files")
     try:
@@ -124,7 +124,7 @@ def _h5_array(path: Path, key: str | None) -> np.ndarray:
 
 
 def _mat_array(path: Path, key: str | None) -> np.ndarray:
-    from ..analysis import require
+    from layertap.analysis.similarity import require
 
     sio = require("scipy.io", "encode", "reading .mat files")
     try:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LayertapError
+from layertap.errors import LayertapError
 
 SOLVERS = ("auto", "primal", "dual")
 BACKENDS = ("auto", "numpy", "torch", "torch_cuda")
@@ -59,7 +59,7 @@ def parse_alphas(spec: str | Sequence[float] | np.ndarray | None) -> np.ndarray:
 
 
 def _himalaya() -> Any:
-    from ..analysis import require
+    from layertap.analysis.similarity import require
 
     return require("himalaya", "encode", "encoding models")
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LayertapError
-from .ceiling import rdm_noise_ceiling
+from layertap.encode.ceiling import rdm_noise_ceiling
+from layertap.errors import LayertapError
 
 
 def load_subject_rdms(sources: Sequence[Any] | Any, key: str | None = None) -> np.ndarray:
@@ -29,8 +29,8 @@ def load_subject_rdms(sources: Sequence[Any] | Any, key: str | None = None) -> n
     Returns:
         (subjects, N, N) float64.
     """
-    from ..analysis import is_rdm, load_matrix
-    from .responses import load_array
+    from layertap.analysis.similarity import is_rdm, load_matrix
+    from layertap.encode.responses import load_array
 
     items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     mats: list[np.ndarray] = []
@@ -74,9 +74,9 @@ def compare_to_subjects(
     Returns:
         ``({layer: (subjects,) similarities}, (lower, upper))``.
     """
-    from ..analysis import _as_run, _parse_method, compare_rdms, rdm, select_layers, upper_triangle
-    from .encoding import _read_rows
-    from .responses import match_ids, read_labels
+    from layertap.analysis.similarity import _as_run, _parse_method, compare_rdms, rdm, select_layers, upper_triangle
+    from layertap.encode.encoding import _read_rows
+    from layertap.encode.responses import match_ids, read_labels
 
     kind, what, _ = _parse_method(method)
     if kind != "rdm":
@@ -123,7 +123,7 @@ def cmd_compare_subjects(args: argparse.Namespace) -> None:
         print(f"{layer:<{width}}  {v.mean(): .4f}  ({v.std(ddof=1) / np.sqrt(len(v)):.4f})")
     print(f"noise ceiling ({args.method}): lower {lower:.4f}, upper {upper:.4f}")
     if args.out:
-        from ..cli_analysis import _write_csv
+        from layertap.cli.analysis import _write_csv
 
         header = ["layer", "mean", "sem", *[f"subject{i}" for i in range(n_sub)], "ceiling_lower", "ceiling_upper"]
         rows = [[k, repr(float(v.mean())), repr(float(v.std(ddof=1) / np.sqrt(len(v)))), *map(repr, map(float, v)),
@@ -131,7 +131,7 @@ def cmd_compare_subjects(args: argparse.Namespace) -> None:
         _write_csv(Path(args.out), header, rows)
         print(f"table -> {args.out}")
     if args.plot:
-        from ..plots import _figure, _save
+        from layertap.analysis.plots import _figure, _save
 
         names = list(scores)
         fig = _figure((max(4.5, 0.55 * len(names) + 2.5), 3.4))

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LayertapError
+from layertap.errors import LayertapError
 
 METRIC_LABELS = {
     "r": "Pearson r (held-out)",
@@ -23,7 +23,7 @@ ALL = "all"
 
 
 def _pandas() -> Any:
-    from ..analysis import require
+    from layertap.analysis.similarity import require
 
     return require("pandas", "encode", "encoding scores")
 
@@ -191,7 +191,7 @@ class EncodingScores:
         Returns:
             The path written, or the Figure.
         """
-        from ..plots import _figure, _save
+        from layertap.analysis.plots import _figure, _save
 
         names = list(rois) if rois is not None else ([r for r in self.rois if r != ALL] or [ALL])
         n_layers = len(self.layers)
@@ -252,7 +252,7 @@ class EncodingScores:
         Returns:
             ``{kind: path}`` of the files written.
         """
-        from ..storage import disk_error, write_json_atomic
+        from layertap.store.run import disk_error, write_json_atomic
 
         out = Path(out)
         paths = {"table": out / "scores.parquet", "csv": out / "scores.csv", "summary": out / "summary.csv",

@@ -48,12 +48,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import ImageSet, load_rgb
-from ..errors import LayertapError
-from ..models import LoadedModel, from_module, load_model, seeded_build
-from ..sources.ipcl import AlexNetGN, L2Norm
-from .augment import AugmentConfig, TensorAugment, cpu_augment, draw_uniforms, eval_transform, load_square
-from .knn import knn_eval, labelled
+from layertap.data.images import ImageSet, load_rgb
+from layertap.errors import LayertapError
+from layertap.models.registry import LoadedModel, from_module, load_model, seeded_build
+from layertap.models.sources.ipcl import AlexNetGN, L2Norm
+from layertap.training.augment import (
+    AugmentConfig,
+    TensorAugment,
+    cpu_augment,
+    draw_uniforms,
+    eval_transform,
+    load_square,
+)
+from layertap.training.knn import knn_eval, labelled
 
 log = logging.getLogger("layertap")
 
@@ -871,7 +878,7 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _has_matplotlib() -> bool:
-    from ..models import package_available
+    from layertap.models.registry import package_available
 
     return package_available("matplotlib")
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import ImageSet, load_rgb
-from ..errors import LayertapError
+from layertap.data.images import ImageSet, load_rgb
+from layertap.errors import LayertapError
 
 
 def knn_predict(

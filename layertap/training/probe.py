@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import ImageSet
-from ..errors import LayertapError
-from ..extraction import Extractor
-from ..layers import resolve_layers
-from ..models import LoadedModel
-from .ipcl import _device, _progress, load_trained
-from .knn import _EvalSet, labelled
+from layertap.data.images import ImageSet
+from layertap.errors import LayertapError
+from layertap.extraction.layers import resolve_layers
+from layertap.extraction.pipeline import Extractor
+from layertap.models.registry import LoadedModel
+from layertap.training.ipcl import _device, _progress, load_trained
+from layertap.training.knn import _EvalSet, labelled
 
 
 @dataclass
