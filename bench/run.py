@@ -50,7 +50,13 @@ CONTENDERS = {
     # the same two with torch.compile (spec["compile"]): layertap --compile against a compiled bare forward
     "ceiling_compiled": "ceiling.py",
     "layertap_compiled": "layertap_run.py",
+    # one per backend (spec["backend"]); plain "layertap" is the default, backend auto
+    "layertap_torch": "layertap_run.py",
+    "layertap_onnxruntime": "layertap_run.py",
+    "layertap_openvino": "layertap_run.py",
 }
+#: contender -> layertap's backend
+BACKEND_OF = {"layertap_torch": "torch", "layertap_onnxruntime": "onnxruntime", "layertap_openvino": "openvino"}
 #: the columns "vs X": this contender's images/s divided by X's
 BASELINES = ("ceiling", "reference", "thingsvision")
 
@@ -68,9 +74,19 @@ def machine_info() -> dict[str, str]:
     except OSError:
         pass
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    simd = [f for f in sorted(flags) if f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16") or "amx" in f]
     info = {
         "nproc": str(nproc),
         "cpu": cpu,
+        "simd": " ".join(simd) or "?",
         "memory": _mem_total(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -239,6 +255,15 @@ def derived(all_results: dict[str, list[dict[str, Any]]]) -> list[str]:
                     f"| {job}: best layertap img/s ÷ {base} img/s ≥ {goal} | {best / b:.2f} | – | "
                     f"{'PASS' if best / b >= goal else 'FAIL'} |"
                 )
+    for job in all_results:  # issue 14: the CPU engines (backend auto) against torch and thingsvision
+        auto = ips(job, "layertap")
+        for base, goal in (("layertap_torch", 1.6), ("thingsvision", 2.5)):
+            b = ips(job, base)
+            if auto and b:
+                lines.append(
+                    f"| {job}: layertap (auto) img/s ÷ {base} img/s ≥ {goal} | {auto / b:.2f} | – | "
+                    f"{'PASS' if auto / b >= goal else 'FAIL'} |"
+                )
     lines.append("")
     return lines if len(lines) > 5 else []
 
@@ -281,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"## {stamp}{' (quick)' if a.quick else ''}",
         "",
-        f"machine: {info['nproc']} cores (nproc), {info['cpu']}, {info['memory']} RAM; python {info['python']}, "
+        f"machine: {info['nproc']} cores (nproc), {info['cpu']} ({info['simd']}), {info['memory']} RAM; "
+        f"python {info['python']}, "
         f"torch {info['torch']}, torchvision {info['torchvision']}, layertap {info.get('layertap', '?')}",
         "",
         f"{len(images)} JPEGs ({', '.join(f'{w}x{h}' for w, h in sizes)} alternating), batch {a.batch_size}, "
@@ -317,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": threads,
                     "check_n": a.check,
                     "compile": name.endswith("_compiled"),
+                    "backend": BACKEND_OF.get(name, "auto"),
                     "out": str(WORK / "out" / job / name),
                 }
                 r = run_contender(name, spec, WORK / "logs" / f"{job}-{name}-{rnd}.log", a.timeout)

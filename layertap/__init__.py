@@ -6,7 +6,8 @@ run = lt.extract(model, "./images", layers=["layer3", "avgpool"], out="./acts")
 run["avgpool"][:10]
 """
 
-from typing import Any
+from layertap._lazy import lazy_exports
+from layertap._version import __version__ as __version__  # re-exported: lt.__version__
 
 # Names are imported on first use (PEP 562): 'import layertap' and the command line's argument parsing
 # stay fast (torch is imported only when a function needs it).
@@ -16,7 +17,12 @@ _NAMES = {
     "model_catalog": "models.catalog",
     "ImageSet": "data.images",
     "LayertapError": "errors",
-    "Extractor": "extraction.pipeline",
+    "LayertapFailure": "errors",
+    "MissingDependencyError": "errors",
+    "StorageError": "errors",
+    "UnavailableError": "errors",
+    "JobFailedError": "errors",
+    "Extractor": "extraction.tap",
     "extract": "extraction.pipeline",
     "export": "store.export",
     "merge_activations": "store.export",
@@ -34,38 +40,20 @@ _NAMES = {
     "register_source": "models.registry",
     "Plan": "extraction.planning",
     "plan": "extraction.planning",
-    "PCA": "process.postprocess",
-    "SparseRandomProjection": "process.postprocess",
-    "feature_map_ensemble": "process.postprocess",
+    "PCA": "process.pca",
+    "SparseRandomProjection": "process.projection",
+    "feature_map_ensemble": "process.ensemble",
     "postprocess": "process.postprocess",
     "open_stimuli": "data.stimuli",
     "LayerArray": "store.run",
     "Run": "store.run",
-    "VerifyResult": "store.run",
+    "VerifyResult": "store.verify",
     "open_run": "store.run",
     "verify_run": "store.run",
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import ``name`` from its module on first use (then it is a plain module attribute)."""
-    import importlib
-
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    if name in _NAMES:
-        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'layertap' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_SUBMODULES, *_NAMES})
-
-
-
-__version__ = "0.1.0"
+__getattr__, __dir__ = lazy_exports(__name__, _NAMES, _SUBMODULES)
 
 __all__ = [
     "analysis",
@@ -88,6 +76,11 @@ __all__ = [
     "LayerArray",
     "LayerInfo",
     "LayertapError",
+    "LayertapFailure",
+    "MissingDependencyError",
+    "StorageError",
+    "UnavailableError",
+    "JobFailedError",
     "LoadedModel",
     "Run",
     "export",

@@ -1,5 +1,5 @@
 import sys
 
-from layertap.cli.main import main
+from layertap.cli.app import main
 
 sys.exit(main())

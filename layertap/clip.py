@@ -9,7 +9,6 @@ logits = lt.clip.similarity_logits(img, txt)       # 100 x cosine similarity, (N
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from layertap._optional import require
 from layertap.errors import LayertapError
-from layertap.models.registry import LoadedModel, load_model, require
+from layertap.models.registry import LoadedModel, load_model
+from layertap.store.files import MANIFEST, disk_error, write_json_atomic
+from layertap.store.manifest import SCHEMA_VERSION
 
 DEFAULT_TEMPLATE = "{}"
 #: OpenAI's learned logit scale (exp(4.6052)) is 100; the seed documents logits as cosine x 100
@@ -27,7 +29,18 @@ LOGIT_SCALE = 100.0
 
 
 def available_models() -> list[str]:
-    """CLIP model names open_clip can build (pass them as ``clip:NAME``)."""
+    """CLIP model names open_clip can build (pass them as ``clip:NAME``).
+
+    Returns:
+        open_clip's model names (``RN50``, ``ViT-B-32``, ...).
+
+    Raises:
+        MissingDependencyError: open_clip is not installed (``pip install 'layertap[clip]'``).
+
+    Example:
+        >>> "ViT-B-32" in available_models()  # doctest: +SKIP
+        True
+    """
     return list(require("open_clip", "clip").list_models())
 
 
@@ -41,15 +54,38 @@ def _clip(model: LoadedModel | str) -> LoadedModel:
 def tokenize(model: LoadedModel | str, texts: str | Sequence[str]) -> torch.Tensor:
     """Token ids, (N, context_length) int64: start token, text, end token, zero padding.
 
-    Texts longer than the context (77 tokens for OpenAI's CLIP) are truncated, keeping the end
-    token as the last position, exactly as open_clip's tokenizer does.
+    Texts longer than the context (77 tokens for OpenAI's CLIP) are truncated, keeping the end token as the last
+    position, exactly as open_clip's tokenizer does.
+
+    Args:
+        model: a loaded CLIP model, or its name (``"clip:ViT-B-32"``).
+        texts: one text or several.
+
+    Returns:
+        The token ids, one row per text.
+
+    Example:
+        >>> tokenize(lt.load_model("clip:ViT-B-32"), ["a dog", "a cat"]).shape  # doctest: +SKIP
+        torch.Size([2, 77])
     """
     texts = [texts] if isinstance(texts, str) else list(texts)
     return _clip(model).components["tokenizer"](texts)
 
 
 def expand_templates(texts: Sequence[str], templates: Sequence[str] | None) -> list[list[str]]:
-    """For each text, its prompts: ``templates`` with ``{}`` replaced by the text."""
+    """For each text, its prompts: ``templates`` with ``{}`` replaced by the text.
+
+    Args:
+        texts: the texts (class names, concept words, sentences).
+        templates: prompt templates with one ``{}``; None: the text itself.
+
+    Returns:
+        One list of prompts per text.
+
+    Example:
+        >>> expand_templates(["dog"], ["a photo of a {}", "a drawing of a {}"])
+        [['a photo of a dog', 'a drawing of a dog']]
+    """
     templates = list(templates or [DEFAULT_TEMPLATE])
     bad = [t for t in templates if "{}" not in t]
     if bad:
@@ -67,9 +103,23 @@ def encode_text(
 ) -> np.ndarray:
     """Text embeddings (N, D) float32, one row per text.
 
-    With several ``templates`` (e.g. ``["a photo of a {}", "a drawing of a {}"]``) each text's
-    prompt embeddings are l2-normalised and averaged (CLIP's prompt ensembling), then
-    normalised again if ``normalize``.
+    With several ``templates`` (e.g. ``["a photo of a {}", "a drawing of a {}"]``) each text's prompt embeddings
+    are l2-normalised and averaged (CLIP's prompt ensembling), then normalised again if ``normalize``.
+
+    Args:
+        model: a loaded CLIP model, or its name.
+        texts: the texts.
+        templates: prompt templates with one ``{}`` (None: the texts as they are).
+        normalize: l2-normalise each row.
+        batch_size: prompts encoded per forward pass.
+
+    Returns:
+        The embeddings, one row per text.
+
+    Example:
+        >>> model = lt.load_model("clip:ViT-B-32")  # doctest: +SKIP
+        >>> encode_text(model, ["a dog", "a cat"], templates=["a photo of a {}"]).shape  # doctest: +SKIP
+        (2, 512)
     """
     loaded = _clip(model)
     clip = loaded.components["clip"]
@@ -91,7 +141,21 @@ def encode_text(
 
 @torch.inference_mode()
 def encode_image(model: LoadedModel | str, images: torch.Tensor | Sequence[Any], normalize: bool = False) -> np.ndarray:
-    """Image embeddings (N, D) float32 for a preprocessed batch (N, 3, H, W) or a list of PIL images."""
+    """Image embeddings (N, D) float32 for a preprocessed batch (N, 3, H, W) or a list of PIL images.
+
+    Args:
+        model: a loaded CLIP model, or its name.
+        images: a batch already transformed with ``model.transform``, or PIL images (transformed here).
+        normalize: l2-normalise each row.
+
+    Returns:
+        The embeddings, one row per image.
+
+    Example:
+        >>> from PIL import Image
+        >>> encode_image(lt.load_model("clip:ViT-B-32"), [Image.new("RGB", (64, 64))]).shape  # doctest: +SKIP
+        (1, 512)
+    """
     loaded = _clip(model)
     if not isinstance(images, torch.Tensor):
         images = torch.stack([loaded.transform(img) for img in images])
@@ -103,7 +167,20 @@ def encode_image(model: LoadedModel | str, images: torch.Tensor | Sequence[Any],
 
 
 def similarity_logits(image_features: np.ndarray, text_features: np.ndarray, scale: float = LOGIT_SCALE) -> np.ndarray:
-    """``scale`` x cosine similarity, (N_images, N_texts): what CLIP's forward returns as logits."""
+    """``scale`` x cosine similarity, (N_images, N_texts): what CLIP's forward returns as logits.
+
+    Args:
+        image_features: (N_images, D) image embeddings.
+        text_features: (N_texts, D) text embeddings.
+        scale: the logit scale (OpenAI's learned value is 100).
+
+    Returns:
+        The logits.
+
+    Example:
+        >>> similarity_logits(np.array([[1.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 2.0]]))
+        array([[100.,   0.]], dtype=float32)
+    """
     a = np.asarray(image_features, dtype=np.float64)
     b = np.asarray(text_features, dtype=np.float64)
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
@@ -112,8 +189,22 @@ def similarity_logits(image_features: np.ndarray, text_features: np.ndarray, sca
 
 
 def read_texts(path: str | os.PathLike[str], column: str | None = None) -> list[str]:
-    """Texts from a .txt (one per line) or .tsv/.csv file (``column``, else Word/text/concept/name,
-    else the first column) — e.g. THINGS' ``things_concepts.tsv`` gives its concept words."""
+    """Texts from a .txt (one per line) or .tsv/.csv file.
+
+    Args:
+        path: the file; THINGS' ``things_concepts.tsv`` gives its concept words.
+        column: the column of a table (default: Word, text, concept or name, else the first column).
+
+    Returns:
+        The texts, in the file's order.
+
+    Raises:
+        LayertapError: a missing file, an unknown column, or a table without rows.
+
+    Example:
+        >>> read_texts("things_concepts.tsv")[:2]  # doctest: +SKIP
+        ['aardvark', 'abacus']
+    """
     p = Path(path)
     if not p.is_file():
         raise LayertapError(f"texts file not found: {p}")
@@ -137,7 +228,22 @@ def write_text_features(
     templates: Sequence[str] | None = None,
     normalize: bool = True,
 ) -> Path:
-    """Encode ``texts`` and write ``out/text_features.npy`` (N, D), ``out/texts.tsv`` and a manifest."""
+    """Encode ``texts`` and write ``out/text_features.npy`` (N, D), ``out/texts.tsv`` and a manifest.
+
+    Args:
+        model: a loaded CLIP model, or its name.
+        texts: the texts.
+        out: the folder to write.
+        templates: prompt templates (see :func:`encode_text`).
+        normalize: l2-normalise each row.
+
+    Returns:
+        ``out`` as a Path.
+
+    Example:
+        >>> write_text_features("clip:ViT-B-32", ["dog", "cat"], "text-out")  # doctest: +SKIP
+        PosixPath('text-out')
+    """
     loaded = _clip(model)
     feats = encode_text(loaded, texts, templates, normalize)
     dest = Path(out)
@@ -148,11 +254,15 @@ def write_text_features(
         w.writerow(["row", "text"])
         w.writerows(enumerate(texts))
     manifest = {
+        "schema_version": SCHEMA_VERSION,
         "layertap": "text",
         "model": loaded.provenance,
         "templates": list(templates or [DEFAULT_TEMPLATE]),
         "normalized": normalize,
         "shape": list(feats.shape),
     }
-    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    try:
+        write_json_atomic(dest / MANIFEST, manifest)  # not a run (no arrays): its own small record, same writer
+    except OSError as err:
+        raise disk_error(err, dest) from None
     return dest

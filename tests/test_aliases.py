@@ -190,7 +190,7 @@ def test_manifest_records_real_names_and_the_alias(image_dir: Path, tmp_path: Pa
 def test_layers_command_lists_the_aliases(capsys: pytest.CaptureFixture[str]) -> None:
     import re
 
-    from layertap.cli import main as cli
+    from layertap.cli import app as cli
 
     assert cli.main(["layers", "resnet18", "--aliases", "--input-size", "64", "64"]) == 0
     text = capsys.readouterr().out

@@ -21,7 +21,9 @@ from scipy import stats
 from scipy.spatial.distance import pdist, squareform
 
 import layertap as lt
-from layertap.analysis import similarity as an
+from layertap import analysis as an
+from layertap.analysis import alignment, similarity
+from layertap.analysis import rows as row_blocks
 from layertap.errors import LayertapError
 
 LAYERS = ["features.2", "classifier.4"]
@@ -238,14 +240,14 @@ def test_linear_cka_in_many_blocks_with_a_large_offset(monkeypatch: pytest.Monke
     X = rng.normal(size=(n, px)) + 1e3
     Y = X[:, :2] @ rng.normal(size=(2, py)) + rng.normal(size=(n, py)) - 1e3
     steps: list[int] = []
-    real = an._centered_cross_products
+    real = alignment._centered_cross_products
 
     def spy(rx, ry, step):  # noqa: ANN001, ANN202
         steps.append(step)
         return real(rx, ry, step)
 
-    monkeypatch.setattr(an, "_centered_cross_products", spy)
-    monkeypatch.setattr(an, "BLOCK_BYTES", 8 * (px + py) * 7)
+    monkeypatch.setattr(alignment, "_centered_cross_products", spy)
+    monkeypatch.setattr(row_blocks, "BLOCK_BYTES", 8 * (px + py) * 7)
     got = an.cka(X, Y)
     assert steps == [7]  # the blocked path, in ceil(60 / 7) = 9 blocks
     Xc, Yc = X - X.mean(0), Y - Y.mean(0)  # the plain formula on full matrices
@@ -406,12 +408,24 @@ def test_layer_similarity_one_run(run: lt.Run) -> None:
         an.layer_similarity(run, method="cca")
 
 
+def test_select_layers_uses_the_extraction_glob_dialect(run: lt.Run) -> None:
+    # One dialect for layer names everywhere (layertap.globs, as lt.extract's layers=): '*' stays within one
+    # dotted component, '**' crosses dots. The analysis used fnmatch before, where '*' matched 'features.2' too.
+    assert an.select_layers(run, "classifier.*") == ["classifier.4"]
+    assert an.select_layers(run, "**") == LAYERS
+    assert an.select_layers(run, ["classifier.**", "f*.?"]) == ["classifier.4", "features.2"]
+    with pytest.raises(LayertapError, match="has no layer"):
+        an.select_layers(run, "*")  # no stored layer name is a single component
+    with pytest.raises(LayertapError, match="has no layer"):
+        an.select_layers(run, "c*4")
+
+
 def test_layer_similarity_reuses_given_rdms(run: lt.Run, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = (flat(run, name) for name in LAYERS)
     given = {LAYERS[0]: squareform(pdist(a, "correlation"))}
     computed: list[str] = []
     real = an.rdm
-    monkeypatch.setattr(an, "rdm", lambda x, *args, what=None, **kw: computed.append(what) or real(x, *args, **kw))
+    monkeypatch.setattr(similarity, "rdm", lambda x, *args, what=None, **kw: computed.append(what) or real(x, *args, **kw))
     m, _, _ = an.layer_similarity(run, rdms=given)
     assert computed == [LAYERS[1]]  # only the layer whose RDM was not given
     assert m[0, 1] == pytest.approx(stats.spearmanr(pdist(a, "correlation"), pdist(b, "correlation"))[0], abs=1e-10)
@@ -438,6 +452,56 @@ def test_layer_similarity_two_runs(run: lt.Run, tmp_path: Path) -> None:
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LayertapError, match="not complete"):
         an.layer_similarity(copy)
+
+
+def test_compare_to_reference_hands_back_its_rdms(run: lt.Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    # keep_rdms: the RDMs the scores came from come back with them (the CLI's bootstrap CIs reuse them
+    # instead of computing every layer's RDM a second time); each RDM is computed once.
+    responses = np.random.default_rng(5).normal(size=(6, 4))
+    computed: list[str] = []
+    real = an.rdm
+    monkeypatch.setattr(similarity, "rdm", lambda x, *args, what=None, **kw: computed.append(what) or real(x, *args, **kw))
+    got = an.compare_to_reference(run, responses, keep_rdms=True)
+    assert computed == ["reference", *LAYERS]
+    assert got.reference_rdm is not None and got.rdms is not None and list(got.rdms) == LAYERS
+    np.testing.assert_allclose(got.reference_rdm, squareform(pdist(responses, "correlation")), atol=1e-12)
+    for name in LAYERS:
+        np.testing.assert_allclose(got.rdms[name], squareform(pdist(flat(run, name), "correlation")), atol=1e-10)
+        assert got[name] == pytest.approx(an.compare_rdms(got.rdms[name], got.reference_rdm), abs=1e-12)
+    plain = an.compare_to_reference(run, responses)
+    assert plain.rdms is None and plain.reference_rdm is None and dict(plain) == dict(got)
+
+
+def test_one_matrix_reader_for_references_and_responses(tmp_path: Path) -> None:
+    # analysis.load_matrix (references) and encode's responses read files through one reader
+    # (analysis.matrices.load_array): the same table gives the same numbers to both.
+    import h5py
+
+    from layertap.analysis.matrices import load_array
+    from layertap.encode.responses import prepare_responses
+
+    m = np.arange(12, dtype=np.float64).reshape(4, 3) / 7
+    np.savetxt(tmp_path / "ws.txt", m)  # whitespace-separated, as np.loadtxt reads it
+    np.savetxt(tmp_path / "comma.txt", m, delimiter=",")
+    np.savetxt(tmp_path / "m.tsv", m, delimiter="\t", header="a\tb\tc", comments="")
+    with h5py.File(tmp_path / "m.h5", "w") as f:
+        f["m"] = m
+        f["ids"] = np.arange(4.0)  # 1-D: not a candidate for a 2-D reference
+    for name in ("ws.txt", "comma.txt", "m.tsv", "m.h5"):
+        np.testing.assert_allclose(an.load_matrix(tmp_path / name), m, rtol=1e-15, err_msg=name)
+    with (tmp_path / "r.tsv").open("w") as f:
+        f.write("stimulus\tv1\tv2\tv3\n" + "".join(f"img{i}.jpg\t" + "\t".join(repr(float(v)) for v in row) + "\n" for i, row in enumerate(m)))
+    arr, ids = load_array(tmp_path / "r.tsv")
+    assert ids == [f"img{i}.jpg" for i in range(4)]
+    np.testing.assert_array_equal(arr, m)
+    resp = prepare_responses([f"img{i}.jpg" for i in range(4)][::-1], tmp_path / "r.tsv")
+    np.testing.assert_array_equal(resp.data, m)
+    np.testing.assert_array_equal(resp.rows, [3, 2, 1, 0])
+    np.testing.assert_array_equal(an.load_matrix(tmp_path / "r.tsv"), m)  # ids column skipped by both
+    (tmp_path / "gap.csv").write_text("0,1\n1,\n")  # an empty cell is a missing value (NaN), not an error
+    assert np.isnan(an.load_matrix(tmp_path / "gap.csv")[1, 1])
+    with pytest.raises(LayertapError, match="reference file .* does not exist"):
+        an.load_matrix(tmp_path / "nope.csv")
 
 
 def test_compare_to_reference_files(run: lt.Run, tmp_path: Path) -> None:

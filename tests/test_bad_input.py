@@ -21,10 +21,10 @@ from torch import nn
 from torchvision import transforms as T
 
 import layertap as lt
-import layertap.store.run as lt_store
-from layertap.cli.main import main
+import layertap.shards.merge as lt_store
+from layertap.cli.app import main
 from layertap.data.images import ImageSet, load_rgb
-from layertap.store import run as storage
+from layertap.store import files, writer
 
 SIZE = 32
 TF = T.Compose([T.Resize((SIZE, SIZE)), T.ToTensor()])
@@ -143,9 +143,9 @@ def test_unfinished_postprocess_output_does_not_block_and_overwrite_is_spelled(
 ) -> None:
     run = lt.extract(tiny(), image_dir, ["2"], tmp_path / "r", workers=0)
     out = tmp_path / "c"
-    from layertap.process.postprocess import _NewRun
+    from layertap.store.writer import DerivedRunWriter
 
-    _NewRun(run, out, overwrite=False)  # what a kill -9 during postprocess leaves: status "running"
+    DerivedRunWriter(run, out, overwrite=False)  # what a kill -9 during postprocess leaves: status "running"
     centred = lt.postprocess(run, out, center=True)  # replaces it without overwrite=True
     x = run["2"][:].astype(np.float64)
     np.testing.assert_allclose(centred["2"][:], x - x.mean(0), rtol=1e-5, atol=1e-5)
@@ -369,7 +369,8 @@ def test_finished_run_on_read_only_storage_has_nothing_to_do(
             raise OSError(errno.EROFS, "Read-only file system", str(file))
         return real_open(file, mode, *args, **kw)
 
-    monkeypatch.setattr(storage, "open", read_only_open, raising=False)  # every write of the store fails
+    for module in (files, writer):  # every write of the store fails
+        monkeypatch.setattr(module, "open", read_only_open, raising=False)
     with caplog.at_level(logging.INFO, logger="layertap"):
         again = lt.extract(model, image_dir, ["2"], tmp_path / "r", workers=0)
     assert "nothing to do" in caplog.text and again.complete

@@ -47,7 +47,7 @@ def test_damaged_or_stale_cache_is_rebuilt(cache: Path, monkeypatch: pytest.Monk
 
 
 def test_cli_models_rows_come_from_the_catalog(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from layertap.cli.main import main
+    from layertap.cli.app import main
 
     assert main(["models", "--source", "ipcl"]) == 0
     first = capsys.readouterr().out

@@ -344,8 +344,8 @@ def test_extract_says_what_it_did_once(
     import json
     import logging
 
-    from layertap.cli import main as cli
-    from layertap.store import run as storage
+    from layertap.cli import app as cli
+    from layertap.store import writer as storage
 
     logger = logging.getLogger("layertap")
     monkeypatch.setattr(logger, "handlers", list(logger.handlers))  # main() installs its own handler

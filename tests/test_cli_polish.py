@@ -33,7 +33,7 @@ def test_argument_errors_are_one_line_with_a_help_pointer(layertap_cli) -> None:
 
 
 def test_errors_name_the_model_instead_of_a_placeholder(capsys, image_dir, tmp_path) -> None:  # noqa: ANN001
-    from layertap.cli import main as cli
+    from layertap.cli import app as cli
 
     args = ["extract", "--model", "alexnet", "--weights", "random", "--layers", "classifer.4"]
     assert cli.main([*args, "--images", str(image_dir), "--out", str(tmp_path / "a")]) == 2
@@ -44,7 +44,7 @@ def test_errors_name_the_model_instead_of_a_placeholder(capsys, image_dir, tmp_p
 def test_models_marks_pretrained_weights_and_extras(capsys) -> None:  # noqa: ANN001
     import timm
 
-    from layertap.cli import main as cli
+    from layertap.cli import app as cli
 
     no_weights = next(n for n in timm.list_models() if not timm.is_model_pretrained(n))
     assert cli.main(["models", "--source", "timm", no_weights]) == 0
@@ -64,7 +64,7 @@ def test_models_marks_pretrained_weights_and_extras(capsys) -> None:  # noqa: AN
 def test_every_subcommand_has_a_description_and_examples() -> None:
     import argparse
 
-    from layertap.cli import main as cli
+    from layertap.cli import app as cli
 
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -95,7 +95,7 @@ def test_every_subcommand_documents_its_options_defaults_and_examples() -> None:
     import argparse
     import re
 
-    from layertap.cli import main as cli
+    from layertap.cli import app as cli
 
     parsers = list(_walk_parsers(cli.build_parser()))
     names = {name for name, _ in parsers}

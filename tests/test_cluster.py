@@ -18,8 +18,9 @@ from conftest import make_class_folder, photo
 from PIL import Image
 
 import layertap as lt
-import layertap.store.run as lt_store
-from layertap.shards.cluster import shard_from_env, write_slurm_scripts
+import layertap.shards.merge as lt_store
+from layertap.shards.slurm import write_slurm_scripts
+from layertap.shards.spec import shard_from_env
 
 ARGS = [
     "--model",
@@ -292,7 +293,7 @@ def test_slurm_scripts_resolve_relative_paths(
     array task's command works from any directory (Slurm starts it elsewhere); its log says what it stored."""
     import torch
 
-    from layertap.cli import main as cli
+    from layertap.cli import app as cli
 
     project, elsewhere = tmp_path.resolve() / "project", tmp_path / "elsewhere"
     make_class_folder(project / "imgs", per_class=2, classes=("a", "b"))
@@ -339,7 +340,7 @@ def test_slurm_scripts_resolve_relative_paths(
 
 
 def test_slurm_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
-    from layertap.cli.main import build_parser
+    from layertap.cli.app import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["slurm", "--help"])
@@ -349,7 +350,7 @@ def test_slurm_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_absolute_paths_of_every_path_option(tmp_path: Path) -> None:
-    from layertap.shards.cluster import absolute_paths
+    from layertap.shards.slurm import absolute_paths
 
     tmp_path = tmp_path.resolve()  # what the paths resolve to, symlinks followed
     for name in ("imgs", "hfmodel", "acts"):

@@ -263,43 +263,52 @@ def test_autocast_is_opt_in_and_close_but_not_exact(image_dir: Path, tmp_path: P
         lt.Extractor(model, layers, autocast="int8")
 
 
-def test_folded_copy_is_reused_only_while_the_model_is_unchanged(image_dir: Path, tmp_path: Path) -> None:
-    from layertap.extraction.graph import fold_batchnorm
+def test_folded_copy_is_held_by_the_extractor_and_plain_calls_follow_the_model(
+    image_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from layertap.extraction import graph
 
+    folds = []
+    real = graph.foldable_pairs
+    monkeypatch.setattr(graph, "foldable_pairs", lambda m, p: folds.append(1) or real(m, p))
     model = lt.load_model("resnet18", weights="random", seed=6)
-    first, n = fold_batchnorm(model.module, {"layer1"})
-    assert n > 0 and fold_batchnorm(model.module, {"layer1"})[0] is first  # unchanged model: reused
-    assert fold_batchnorm(model.module, {"layer2"})[0] is not first  # other taps: another copy
+    tap = lt.Extractor(model, ["layer1"], fold_bn=True)
+    first = tap.module
+    assert tap.folded_batchnorms > 0 and first is not model.module and len(folds) == 1
+    a = lt.extract(tap, image_dir, ["layer1"], tmp_path / "a", batch_size=4, workers=0)
+    b = lt.extract(tap, image_dir, ["layer1"], tmp_path / "b", batch_size=4, workers=0)
+    assert tap.module is first and len(folds) == 1, "a held Extractor folds once"
+    assert a["layer1"][:].tobytes() == b["layer1"][:].tobytes()
+    assert a.manifest["options"]["folded_batchnorms"] == tap.folded_batchnorms
     with torch.no_grad():
         model.module.bn1.running_var.mul_(4.0)  # in place, as a training step or load_state_dict would
-    assert fold_batchnorm(model.module, {"layer1"})[0] is not first
-    # and the extracted numbers follow the changed model
+    # no hidden cache: a plain call folds the model as it is now
     ref_model = tvm.get_model("resnet18", weights=None)
     ref_model.load_state_dict(model.module.state_dict())
     run = lt.extract(model, image_dir, ["layer1"], tmp_path / "after", batch_size=4, workers=0)
+    assert len(folds) == 2
     paths = [str(image_dir / p) for p in run.images]
     ref = reference_outputs(ref_model, reference_batch(paths, "resnet18"), ["layer1"])
     np.testing.assert_allclose(run["layer1"][:], ref["layer1"][0].numpy(), **TOL)
-    before = fold_batchnorm(model.module, {"layer1"})[0]
-    model.module.fc = torch.nn.Linear(512, 10)  # a swapped submodule: a new copy too
-    assert fold_batchnorm(model.module, {"layer1"})[0] is not before
 
 
-def test_compiled_graph_is_reused_only_while_the_modules_are_the_same() -> None:
-    from layertap.extraction.graph import compiled_tap_graph
-
+def test_graph_tap_reads_weights_at_call_time_and_retraces_only_for_swapped_modules() -> None:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=True), torch.nn.Conv2d(4, 2, 3)).eval()
     x = torch.randn(2, 3, 10, 10)
-    fn, keys = compiled_tap_graph(net, ["0", "2"])
-    assert compiled_tap_graph(net, ["0", "2"])[0] is fn and keys == [(0, 0), (1, 0)]
+    tap = lt.Extractor(net, ["0", "2"], compile=True)
+    graph_tap = tap.strategy
+    assert graph_tap.keys == [(0, 0), (1, 0)] and graph_tap.matches_model()
+    tap.to_device(torch.device("cpu"))
+    assert tap.strategy is graph_tap, "nothing moved: the same graph"
     with torch.no_grad():
         net[2].weight.mul_(-1.0)  # weights are read at call time: same graph, new numbers
-        out = fn(x)
-        torch.testing.assert_close(out[1], net(x))
-        torch.testing.assert_close(out[0], net[0](x))  # before the in-place ReLU
-    net[2] = torch.nn.Conv2d(4, 5, 3)  # a swapped submodule: a new graph
-    fn2, _ = compiled_tap_graph(net, ["0", "2"])
-    assert fn2 is not fn
-    with torch.no_grad():
-        assert fn2(x)[1].shape == (2, 5, 6, 6)
+        want2, want0 = net(x), net[0](x)
+    out = tap(x)
+    torch.testing.assert_close(out["2"], want2)
+    torch.testing.assert_close(out["0"], want0)  # before the in-place ReLU
+    net[2] = torch.nn.Conv2d(4, 5, 3)  # a swapped submodule: the graph is no longer the model's
+    assert not graph_tap.matches_model()
+    tap.to_device(torch.device("cpu"))
+    assert tap.strategy is not graph_tap and tap.compiled
+    assert tap(x)["2"].shape == (2, 5, 6, 6)

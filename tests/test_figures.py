@@ -10,7 +10,7 @@ import pytest
 
 import layertap as lt
 from layertap.analysis import plots
-from layertap.cli import main as cli
+from layertap.cli import app as cli
 
 
 @pytest.fixture(scope="module")

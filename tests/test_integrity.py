@@ -20,8 +20,10 @@ import torch
 from PIL import Image
 
 import layertap as lt
-from layertap.cli.main import main
-from layertap.store import run as storage
+from layertap.cli.app import main
+from layertap.shards.merge import shard_runs
+from layertap.store import blocks
+from layertap.store import writer as storage
 
 FACTORY = """
 import torch
@@ -314,7 +316,7 @@ def test_failed_background_write_commits_nothing_behind_it(
 
 KILL = """
 import os, sys
-import layertap.storage as st
+import layertap.store.writer as st
 import zarr
 mode, at = sys.argv[1], int(sys.argv[2])
 if mode == "cursor":  # killed after a chunk's data, before its cursor
@@ -377,7 +379,7 @@ def test_empty_and_all_skipped_shards_complete_and_merge(
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
         monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "6")
         run = _extract(tiny, root, out, shard="auto", **kw)
-    shards = {r.manifest["shard"]["index"]: r for r in storage.shard_runs(out)}
+    shards = {r.manifest["shard"]["index"]: r for r in shard_runs(out)}
     assert all(r.complete for r in shards.values())
     assert shards[0].layers == [] and shards[3].layers == [] and shards[2].layers == []
     assert [s["path"] for s in shards[2].skipped] == ["im02.png", "im03.png"]
@@ -397,7 +399,7 @@ def test_disk_bytes_close_to_activation_bytes(
     for p in good[:n]:
         shutil.copy(p, root / p.name)
     widest = 8 * 32 * 32 * 4
-    monkeypatch.setattr(storage, "CHUNK_BYTES", 8 * widest)  # default chunks of 8 rows: 9 = chunk + 1
+    monkeypatch.setattr(blocks, "CHUNK_BYTES", 8 * widest)  # default chunks of 8 rows: 9 = chunk + 1
     run = lt.extract(_model(tiny), root, LAYERS, tmp_path / "run", batch_size=4, workers=0, progress=False)
     act = sum(run[k].raw(slice(None)).nbytes for k in run.layers)
     files = [p for p in (run.path / "arrays").rglob("*") if p.is_file()]
@@ -487,7 +489,7 @@ def test_damaged_shard_refuses_merge(
     out = tmp_path / "sharded"
     for i in range(2):
         _extract(tiny, images, out, shard=(i, 2), merge=False)
-    _damage(storage.shard_runs(out)[1].path, kind)
+    _damage(shard_runs(out)[1].path, kind)
     err = _one_line_error(capsys, ["merge", str(out)])
     assert "00001-of-00002" in err and "damaged" in err
     assert not (out / "manifest.json").exists()

@@ -62,7 +62,7 @@ def test_analysis_results_are_objects_that_still_unpack(run: lt.Run) -> None:
     from scipy.spatial.distance import pdist
     from scipy.stats import spearmanr
 
-    from layertap.analysis import similarity as an
+    from layertap import analysis as an
 
     res = an.layer_similarity(run, layers_a=["layer3", "fc:input"], method="rdm-spearman")
     m, rows, cols = res  # the old tuple form

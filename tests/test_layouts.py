@@ -16,7 +16,7 @@ from torchvision.ops import Permute
 
 import layertap as lt
 from layertap.errors import LayertapError
-from layertap.models.registry import imagenet_transform
+from layertap.models.transforms import imagenet_transform
 
 
 def _hooked(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,46 @@ def test_pretrained_loads_from_torch_hub_cache(tmp_path: Path, monkeypatch: pyte
         lt.load_model("alexnet", weights="IMAGENET9K")
 
 
+def test_weights_spec_objects_load_as_their_strings(tmp_path: Path) -> None:
+    """``weights=`` as a spec object (Pretrained | Random | File) loads what its string spelling loads, and a
+    source written as a ``build`` adapter alone gets the shared finishing step (file loading, provenance, frozen)."""
+    from torch import nn
+
+    from layertap.models import Built, File, Pretrained, Random, Source, register_source
+    from layertap.models.registry import _SOURCES
+    from layertap.models.weights import seeded_build, weights_spec
+
+    assert weights_spec("random") == Random() and weights_spec("IMAGENET1K_V1") == Pretrained("IMAGENET1K_V1")
+    a = lt.load_model("resnet18", Random(), seed=3)
+    b = lt.load_model("resnet18", "random", seed=3)
+    assert a.provenance == b.provenance and all(
+        torch.equal(v, b.module.state_dict()[k]) for k, v in a.module.state_dict().items()
+    )
+
+    class Tiny(Source):
+        name = "tiny-test"
+
+        def list_models(self) -> list[str]:
+            return ["mlp"]
+
+        def build(self, name: str, weights: object, seed: int, **options: object) -> Built:
+            return Built(seeded_build(lambda: nn.Linear(3, 2), seed), lambda x: x, (3,), extra={"note": 1})
+
+    register_source(Tiny())
+    try:
+        torch.manual_seed(0)
+        state = nn.Linear(3, 2).state_dict()
+        torch.save(state, tmp_path / "w.pt")
+        for spelled in (tmp_path / "w.pt", File(tmp_path / "w.pt")):
+            m = lt.load_model("tiny-test:mlp", spelled)
+            assert torch.equal(m.module.weight, state["weight"]) and not m.module.weight.requires_grad
+            assert m.provenance["weights"]["kind"] == "file" and m.provenance["note"] == 1
+        assert lt.load_model("tiny-test:mlp", "random", seed=5).provenance["weights"] == {"kind": "random", "seed": 5}
+        assert Tiny().pretrained_names() is None  # the default: cannot tell without loading
+    finally:
+        del _SOURCES["tiny-test"]
+
+
 def test_weights_file_and_released_checkpoint_format(tmp_path: Path) -> None:
     torch.manual_seed(4)
     state = tvm.resnet18().state_dict()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import layertap as lt
-from layertap.cli import main as cli
+from layertap.cli import app as cli
 
 plan_mod = importlib.import_module("layertap.extraction.planning")
 

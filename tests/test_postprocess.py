@@ -7,9 +7,9 @@ scikit-learn, scipy or the format's own reader.
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +18,13 @@ import torch
 from PIL import Image
 
 import layertap as lt
-from layertap.errors import LayertapError
+from layertap.errors import LayertapError, MissingDependencyError
+from layertap.process.ensemble import feature_map_ensemble
+from layertap.process.pca import PCA
+from layertap.process.postprocess import center, normalize, postprocess
+from layertap.process.projection import SparseRandomProjection, johnson_lindenstrauss_min_dim
+from layertap.store import blocks as store_blocks
 from layertap.store import export as formats
-
-pp = importlib.import_module("layertap.process.postprocess")  # the module; lt.postprocess is the function
 
 LAYERS = ["features.2", "features.5", "classifier.4", "classifier.5"]
 
@@ -58,7 +61,7 @@ def align_signs(got: np.ndarray, ref: np.ndarray, axis: int = 0) -> np.ndarray:
 @pytest.fixture()
 def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Read one row per block and record how many rows every read of a stored layer asks for."""
-    monkeypatch.setattr(pp, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(store_blocks, "CHUNK_BYTES", 1)
     sizes: list[int] = []
     original = lt.LayerArray.__getitem__
 
@@ -73,7 +76,7 @@ def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 # -- center / normalize -----------------------------------------------------------------------------
 def test_center_then_normalize_streams_and_matches_numpy(run: lt.Run, tmp_path: Path, tiny_blocks: list[int]) -> None:
-    out = pp.postprocess(run, tmp_path / "cn", center=True, normalize=True)
+    out = postprocess(run, tmp_path / "cn", center=True, normalize=True)
     assert max(tiny_blocks) == 1, "a layer was read more than one row at a time"
     tiny_blocks.clear()
     for layer in LAYERS:
@@ -94,8 +97,8 @@ def test_center_then_normalize_streams_and_matches_numpy(run: lt.Run, tmp_path: 
 
 
 def test_center_and_normalize_alone(run: lt.Run, tmp_path: Path) -> None:
-    c = pp.center(run, tmp_path / "c", ["classifier.4"])
-    n = pp.normalize(run, tmp_path / "n", ["features.5"])
+    c = center(run, tmp_path / "c", ["classifier.4"])
+    n = normalize(run, tmp_path / "n", ["features.5"])
     x = flat(run["classifier.4"][:])
     np.testing.assert_allclose(flat(c["classifier.4"][:]), x - x.mean(axis=0), rtol=1e-5, atol=1e-5)
     y = flat(run["features.5"][:])
@@ -108,15 +111,15 @@ def test_center_and_normalize_alone(run: lt.Run, tmp_path: Path) -> None:
 
 def test_postprocess_refuses_bad_input(run: lt.Run, tmp_path: Path) -> None:
     with pytest.raises(LayertapError, match="nothing to do"):
-        pp.postprocess(run, tmp_path / "x")
+        postprocess(run, tmp_path / "x")
     with pytest.raises(LayertapError, match="new directory"):
-        pp.center(run, run.path)
+        center(run, run.path)
     with pytest.raises(LayertapError, match="no layer"):
-        pp.center(run, tmp_path / "y", ["classifer.4"])
-    pp.center(run, tmp_path / "z", ["classifier.4"])
+        center(run, tmp_path / "y", ["classifer.4"])
+    center(run, tmp_path / "z", ["classifier.4"])
     with pytest.raises(LayertapError, match="overwrite"):
-        pp.center(run, tmp_path / "z", ["classifier.4"])
-    pp.center(run, tmp_path / "z", ["classifier.5"], overwrite=True)
+        center(run, tmp_path / "z", ["classifier.4"])
+    center(run, tmp_path / "z", ["classifier.5"], overwrite=True)
     assert lt.open_run(tmp_path / "z").layers == ["classifier.5"]
 
 
@@ -136,7 +139,7 @@ def test_pca_exact_matches_svd_and_sklearn() -> None:
     from sklearn.decomposition import PCA as SkPCA
 
     x = lowrank()
-    p = pp.PCA(5, method="exact").fit(x)
+    p = PCA(5, method="exact").fit(x)
     # reference 1: numpy SVD of the centred matrix
     xc = x - x.mean(axis=0)
     _, s, vt = np.linalg.svd(xc, full_matrices=False)
@@ -158,7 +161,7 @@ def test_pca_incremental_matches_sklearn() -> None:
     from sklearn.decomposition import PCA as SkPCA
 
     x = lowrank(rank=5)  # what the incremental fit truncates between batches is then noise only
-    p = pp.PCA(5, method="incremental", batch_rows=50).fit(x)
+    p = PCA(5, method="incremental", batch_rows=50).fit(x)
     sk = SkPCA(5).fit(x)
     assert p.method_ == "incremental" and p.n_components_ == 5
     np.testing.assert_allclose(align_signs(p.components_, sk.components_), sk.components_, atol=2e-3)
@@ -174,19 +177,19 @@ def test_pca_fraction_of_variance(method: str) -> None:
     full = SkPCA().fit(x).explained_variance_ratio_
     for frac in (0.5, 0.9, 0.99):
         k_ref = int(np.searchsorted(np.cumsum(full), frac) + 1)
-        p = pp.PCA(frac, method=method, batch_rows=60).fit(x)
+        p = PCA(frac, method=method, batch_rows=60).fit(x)
         assert p.n_components_ == k_ref, (frac, method)
         assert p.explained_variance_ratio_.sum() >= frac > p.explained_variance_ratio_[:-1].sum()
 
 
 def test_pca_save_load_applies_to_new_images(tmp_path: Path) -> None:
     x, new = lowrank(seed=1), lowrank(n=20, seed=2)
-    p = pp.PCA(0.95).fit(x)
-    q = pp.PCA.load(p.save(tmp_path / "fit.npz"))
+    p = PCA(0.95).fit(x)
+    q = PCA.load(p.save(tmp_path / "fit.npz"))
     np.testing.assert_array_equal(q.transform(new), p.transform(new))
     assert q.n_components_ == p.n_components_ and q.method_ == p.method_ and q.input_shape_ == (40,)
     with pytest.raises(LayertapError, match="not fitted"):
-        pp.PCA(3).transform(new)
+        PCA(3).transform(new)
     with pytest.raises(LayertapError, match="units"):
         p.transform(new[:, :10])
 
@@ -194,39 +197,56 @@ def test_pca_save_load_applies_to_new_images(tmp_path: Path) -> None:
 def test_pca_on_run_layers(run: lt.Run, tmp_path: Path, tiny_blocks: list[int]) -> None:
     from sklearn.decomposition import PCA as SkPCA
 
-    out = pp.postprocess(run, tmp_path / "pca", ["features.5", "classifier.4"], pca=3)
+    out = postprocess(run, tmp_path / "pca", ["features.5", "classifier.4"], pca=3)
     for layer in ("features.5", "classifier.4"):
         ref = SkPCA(3).fit_transform(flat(run[layer][:]))
         got = out[layer][:]
         assert got.shape == (6, 3)
         np.testing.assert_allclose(align_signs(got.astype(np.float64), ref, axis=1), ref, rtol=1e-4, atol=1e-3)
-        fit = pp.PCA.load(out.path / "pca" / f"{layer}.npz")
+        fit = PCA.load(out.path / "pca" / f"{layer}.npz")
         np.testing.assert_allclose(fit.transform(run, layer), got, rtol=1e-5, atol=1e-5)
     step = out.manifest["postprocessing"][-1]["steps"][0]
     assert step["op"] == "pca" and step["fits"]["classifier.4"]["k"] == 3
     # incremental over one-row blocks reads the run block by block and agrees with the exact fit
     tiny_blocks.clear()
-    inc = pp.PCA(3, method="incremental").fit(run, "classifier.4")
+    inc = PCA(3, method="incremental").fit(run, "classifier.4")
     assert max(tiny_blocks) <= 1
-    exact = pp.PCA(3, method="exact").fit(run, "classifier.4")
+    exact = PCA(3, method="exact").fit(run, "classifier.4")
     np.testing.assert_allclose(inc.explained_variance_ratio_, exact.explained_variance_ratio_, rtol=1e-6)
 
 
 # -- sparse random projection ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("modules", "call"),
+    [
+        (["sklearn", "sklearn.decomposition"], lambda x: PCA(2, method="incremental").fit(x)),
+        (["scipy", "scipy.sparse"], lambda x: SparseRandomProjection(2).apply_numpy(x)),
+    ],
+)
+def test_missing_optional_package_is_one_install_hint(monkeypatch: pytest.MonkeyPatch, modules, call) -> None:  # noqa: ANN001
+    # layertap._optional.require: the one message and class (MissingDependencyError: the environment, CLI exit 1)
+    for m in modules:
+        monkeypatch.setitem(sys.modules, m, None)  # makes 'import m' raise ImportError
+    with pytest.raises(MissingDependencyError) as err:
+        call(np.ones((6, 4)))
+    msg = str(err.value)
+    assert "pip install 'layertap[postprocess]'" in msg and "\n" not in msg and err.value.__suppress_context__
+
+
 def test_jl_min_dim_formula() -> None:
     for n, eps in [(100, 0.3), (1000, 0.1), (10, 0.5)]:
-        assert pp.johnson_lindenstrauss_min_dim(n, eps) == math.ceil(4 * math.log(n) / (eps**2 / 2 - eps**3 / 3))
+        assert johnson_lindenstrauss_min_dim(n, eps) == math.ceil(4 * math.log(n) / (eps**2 / 2 - eps**3 / 3))
     with pytest.raises(LayertapError):
-        pp.johnson_lindenstrauss_min_dim(100, 1.5)
+        johnson_lindenstrauss_min_dim(100, 1.5)
 
 
 def test_srp_shape_determinism_density() -> None:
     d, k = 2500, 64
     x = np.random.default_rng(0).standard_normal((7, d)).astype(np.float32)
     a, b, c = (
-        pp.SparseRandomProjection(k, seed=3),
-        pp.SparseRandomProjection(k, seed=3),
-        pp.SparseRandomProjection(k, 4),
+        SparseRandomProjection(k, seed=3),
+        SparseRandomProjection(k, seed=3),
+        SparseRandomProjection(k, 4),
     )
     ya = a.apply_numpy(x)
     assert ya.shape == (7, k) and ya.dtype == np.float32
@@ -245,9 +265,9 @@ def test_srp_preserves_distances_within_eps() -> None:
     from scipy.spatial.distance import pdist
 
     n, d, eps = 100, 20000, 0.3
-    k = pp.johnson_lindenstrauss_min_dim(n, eps)
+    k = johnson_lindenstrauss_min_dim(n, eps)
     x = np.random.default_rng(1).standard_normal((n, d)).astype(np.float32)
-    srp = pp.SparseRandomProjection(k, seed=0)
+    srp = SparseRandomProjection(k, seed=0)
     y = srp.apply_numpy(x)
     ratio = pdist(y.astype(np.float64), "sqeuclidean") / pdist(x.astype(np.float64), "sqeuclidean")
     assert np.max(np.abs(ratio - 1)) < eps
@@ -259,7 +279,7 @@ def test_srp_preserves_distances_within_eps() -> None:
 
 
 def test_srp_torch_dense_path_and_nd_batches() -> None:
-    srp = pp.SparseRandomProjection(16, seed=5)
+    srp = SparseRandomProjection(16, seed=5)
     x = torch.randn(4, 8, 5, 5)  # a conv batch: flattened to D = 200
     y = srp(x)
     assert y.shape == (4, 16) and y.dtype == torch.float32
@@ -270,8 +290,8 @@ def test_srp_torch_dense_path_and_nd_batches() -> None:
 
 
 def test_srp_on_run(run: lt.Run, tmp_path: Path) -> None:
-    out = pp.postprocess(run, tmp_path / "srp", ["features.2"], projection=50, seed=7)
-    ref = flat(run["features.2"][:]) @ pp.SparseRandomProjection(50, seed=7).dense_matrix(64 * 27 * 27)
+    out = postprocess(run, tmp_path / "srp", ["features.2"], projection=50, seed=7)
+    ref = flat(run["features.2"][:]) @ SparseRandomProjection(50, seed=7).dense_matrix(64 * 27 * 27)
     np.testing.assert_allclose(out["features.2"][:], ref, rtol=1e-4, atol=1e-3)
     assert out.manifest["postprocessing"][-1]["steps"][-1] == {
         "op": "sparse_random_projection",
@@ -285,7 +305,7 @@ def test_srp_on_run(run: lt.Run, tmp_path: Path) -> None:
 def test_feature_map_ensemble(run: lt.Run, tmp_path: Path) -> None:
     from sklearn.decomposition import PCA as SkPCA
 
-    scores, fit = pp.feature_map_ensemble(
+    scores, fit = feature_map_ensemble(
         run,
         ["features.2", "features.5"],
         penultimate="classifier.4",
@@ -304,9 +324,9 @@ def test_feature_map_ensemble(run: lt.Run, tmp_path: Path) -> None:
     ens = lt.open_run(tmp_path / "ens")
     assert ens.layers == ["ensemble"]
     np.testing.assert_array_equal(ens["ensemble"][:], scores)
-    again = pp.feature_map_ensemble(run, ["features.2", "features.5"], penultimate="classifier.4", pca=fit)
+    again = feature_map_ensemble(run, ["features.2", "features.5"], penultimate="classifier.4", pca=fit)
     np.testing.assert_array_equal(again, scores)
-    normed = pp.feature_map_ensemble(run, ["features.5"], "classifier.4", n_components=0.9, normalize_layers=True)
+    normed = feature_map_ensemble(run, ["features.5"], "classifier.4", n_components=0.9, normalize_layers=True)
     assert normed.shape[0] == 6 and 1 <= normed.shape[1] <= 5
 
 
@@ -486,9 +506,9 @@ def test_split_merge_round_trip(tmp_path: Path) -> None:
 def test_output_chunks_gathered_from_smaller_blocks(
     run: lt.Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ref = pp.postprocess(run, tmp_path / "ref", ["classifier.4"], pca=3)["classifier.4"][:]
-    monkeypatch.setattr(pp, "CHUNK_BYTES", 48)  # input blocks of 1 row (4096 units), output chunks of 4 rows (3 units)
-    out = pp.postprocess(run, tmp_path / "small", ["classifier.4"], pca=3)
+    ref = postprocess(run, tmp_path / "ref", ["classifier.4"], pca=3)["classifier.4"][:]
+    monkeypatch.setattr(store_blocks, "CHUNK_BYTES", 48)  # input blocks of 1 row (4096 units), output chunks of 4 rows (3 units)
+    out = postprocess(run, tmp_path / "small", ["classifier.4"], pca=3)
     assert out["classifier.4"].chunk_rows == 4
     np.testing.assert_allclose(out["classifier.4"][:], ref, rtol=1e-5, atol=1e-5)
 
@@ -510,7 +530,7 @@ def test_pca_incremental_honours_batch_rows(n: int, batch: int, monkeypatch: pyt
         return original(self, X, *args, **kwargs)
 
     monkeypatch.setattr(IncrementalPCA, "partial_fit", spy)
-    p = pp.PCA(5, method="incremental", batch_rows=batch).fit(x)
+    p = PCA(5, method="incremental", batch_rows=batch).fit(x)
     ours = list(sizes)
     sk = IncrementalPCA(n_components=5, batch_size=batch).fit(x)
     assert ours == [s.stop - s.start for s in gen_batches(n, batch, min_batch_size=5)]
@@ -534,7 +554,7 @@ def test_srp_leaves_layers_with_k_units_or_fewer_alone(image_dir: Path, tmp_path
     run = lt.extract(model, image_dir, layers, tmp_path / "srp", workers=0, reduce="srp:1000:3", progress=False)
     ref = reference_outputs(model.module, reference_batch([str(image_dir / p) for p in run.images], "alexnet"), layers)
     np.testing.assert_allclose(run["classifier.6"][:], ref["classifier.6"][0].numpy(), rtol=1e-5, atol=1e-5)
-    want = pp.SparseRandomProjection(1000, seed=3).apply_numpy(ref["classifier.4"][0].numpy())
+    want = SparseRandomProjection(1000, seed=3).apply_numpy(ref["classifier.4"][0].numpy())
     np.testing.assert_allclose(run["classifier.4"][:], want, rtol=1e-4, atol=1e-4)
     info = run.manifest["layers"]
     assert info["classifier.4"]["reduce"] == "srp:1000:3" and "reduce_skipped" not in info["classifier.4"]

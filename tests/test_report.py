@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import layertap as lt
-from layertap.cli import main as cli
+from layertap.cli import app as cli
 
 
 class _Refs(HTMLParser):

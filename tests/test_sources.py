@@ -185,7 +185,7 @@ def test_text_offline_is_one_whole_line(layertap_cli, tmp_path: Path) -> None:
 
 
 def test_option_json_errors_say_where(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from layertap.cli.main import main
+    from layertap.cli.app import main
 
     args = ["extract", "--model", "hf:vit", "--weights", "random", "--layers", "x", "--images", str(tmp_path)]
     code = main([*args, "--out", str(tmp_path / "o"), "--option", "config={hidden_size: 384}"])
@@ -194,7 +194,7 @@ def test_option_json_errors_say_where(capsys: pytest.CaptureFixture[str], tmp_pa
     assert "--option config: invalid JSON at column 2 (Expecting property name enclosed in double quotes)" in err
     assert "mapping" not in err and "internet" not in err
     # plain words stay strings; valid JSON is parsed
-    from layertap.cli.main import _options
+    from layertap.cli.options import model_options as _options
 
     assert _options(["transform=validation", 'config={"hidden_size": 8}', "n=3"]) == {
         "transform": "validation",

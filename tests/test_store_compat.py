@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 import layertap as lt
-from layertap.store import run as storage
+from layertap.store import chunks, verify
+from layertap.store import writer as storage
 
 OLD = Path(__file__).parent / "data" / "old_runs"
 EXAMPLES = Path(__file__).parents[1] / "examples" / "images" / "textures"
@@ -109,8 +110,9 @@ def test_finished_run_rerun_reads_no_chunk_and_verify_finds_what_it_repairs(
 
     with monkeypatch.context() as m:  # 'nothing to do' checks presence and size only
         for name in ("__getitem__", "raw", "iter_chunks"):
-            m.setattr(storage.LayerArray, name, no_read)
-        m.setattr(storage, "chunk_crc", no_read)
+            m.setattr(lt.LayerArray, name, no_read)
+        for module in (storage, verify):  # where chunks are checksummed: writing and verifying
+            m.setattr(module, "chunk_crc", no_read)
         _extract(model, imgs, out)
 
     chunk = next((out / "arrays" / "avgpool").glob("c.1.*"))  # same size, one byte changed
@@ -173,9 +175,9 @@ def test_checksum_line_torn_by_a_kill_does_not_hide_the_next(tmp_path: Path) -> 
             f.write("a\t1\t4\t12")
         w.add({"a": block + 8}, [4, 5, 6, 7])
         w.finish(8)
-    sums = storage.read_checksums(out)
-    assert sums[("a", 1)] == (4, storage.chunk_crc(block + 8))
-    assert sums[("a", 0)] == (4, storage.chunk_crc(block))
+    sums = chunks.read_checksums(out)
+    assert sums[("a", 1)] == (4, chunks.chunk_crc(block + 8))
+    assert sums[("a", 0)] == (4, chunks.chunk_crc(block))
 
 
 def test_set_valued_option_gives_one_identity(tmp_path: Path) -> None:
@@ -190,3 +192,53 @@ def test_set_valued_option_gives_one_identity(tmp_path: Path) -> None:
     assert a == b and repr(a) != repr(b)
     prov = [lt.load_model(f"{factory}:factory", "pretrained", tags=t).provenance for t in (a, b)]
     assert prov[0]["options"] == prov[1]["options"] == {"tags": [1, 9]}
+
+
+# -- the typed manifest: schema version, one reader, one writer ----------------------------------------
+def test_manifest_carries_schema_version_and_round_trips(model: lt.LoadedModel, imgs: Path, tmp_path: Path) -> None:
+    from layertap.store.manifest import SCHEMA_VERSION, Manifest, read_manifest
+
+    run = _extract(model, imgs, tmp_path / "run")
+    on_disk = json.loads((run.path / "manifest.json").read_text())
+    assert on_disk["schema_version"] == SCHEMA_VERSION == 1
+    m = read_manifest(run.path)
+    assert isinstance(run.manifest, Manifest) and m == run.manifest
+    assert m.to_dict() == on_disk and json.loads(m.to_json()) == on_disk  # nothing lost or added
+    assert Manifest.from_dict(on_disk).to_dict() == on_disk
+    # typed access and the JSON-style access users and tests have agree
+    assert m.layers["avgpool"]["shape"] == on_disk["layers"]["avgpool"]["shape"] == [512, 1, 1]
+    assert m.images is not None and m.images["rows"] == run.manifest["images"]["rows"]
+    assert m.complete and m.spec == on_disk["spec"] and m.model == on_disk["model"]
+    assert m.storage == {"format": "zarr", "chunk_rows": 2, "compression": None}
+    assert dict(m) == on_disk and set(m) == set(on_disk) and m.get("no such key", 7) == 7
+    # a key this schema does not name survives a read and a write (a newer minor tool's note, a user's own)
+    on_disk["notes"] = {"by": "hand"}
+    (run.path / "manifest.json").write_text(json.dumps(on_disk))
+    assert lt.open_run(run.path).manifest.extra == {"notes": {"by": "hand"}}
+    assert lt.open_run(run.path).manifest.to_dict() == on_disk
+
+
+def test_old_manifest_without_schema_version_reads_as_schema_0(imgs: Path, tmp_path: Path) -> None:
+    from layertap.store.manifest import SCHEMA_VERSION, read_manifest
+
+    old = _old_runs(tmp_path, imgs)
+    raw = json.loads((old / "complete" / "manifest.json").read_text())
+    assert "schema_version" not in raw  # written before the field existed
+    m = read_manifest(old / "complete")
+    assert m.schema_version == SCHEMA_VERSION and m.to_dict() == {"schema_version": SCHEMA_VERSION, **raw}
+
+
+def test_newer_schema_version_is_one_line_upgrade_error(imgs: Path, tmp_path: Path, capsys) -> None:
+    from layertap.cli import main
+
+    old = _old_runs(tmp_path, imgs)
+    path = old / "complete" / "manifest.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "schema_version": 99}))
+    with pytest.raises(lt.LayertapError) as err:
+        lt.open_run(old / "complete")
+    msg = str(err.value)
+    assert "\n" not in msg and "manifest schema 99" in msg and "upgrade layertap" in msg, msg
+    assert main(["verify", str(old / "complete")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "upgrade layertap" in lines[0], lines

@@ -247,7 +247,7 @@ def test_video_resume_and_shards_are_byte_identical(
     videos: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from layertap.data.stimuli import open_stimuli
-    from layertap.store.run import RunWriter
+    from layertap.store.writer import RunWriter
 
     model = lt.load_model("resnet18", "random")
     frames = open_stimuli(videos["lossless"], model=model, fps=3)
@@ -391,7 +391,7 @@ def test_bad_videos_are_recorded_skips_or_clear_errors(videos: dict[str, Path], 
 
 
 def test_cli_video_frames(videos: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from layertap.cli.main import main
+    from layertap.cli.app import main
 
     times = tmp_path / "times.tsv"
     times.write_text("time\n0.5\n1.25\n")

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import inspect
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from layertap.analysis.similarity import is_rdm, load_matrix, rdm, require
+from layertap._optional import require
+from layertap.analysis.matrices import load_matrix
+from layertap.analysis.rdms import is_rdm, rdm
 from layertap.errors import LayertapError
-from layertap.store.run import disk_error
+from layertap.store.files import disk_error
 
 #: above this many classes, class names are not written on the axes (they would overlap)
 MAX_CLASS_LABELS = 40
@@ -44,13 +47,22 @@ METHOD_LABELS = {
 
 def _title(ax: Any, title: str, width_in: float) -> None:
     """Set a title wrapped to the figure's width (a long one would be cut off at the edges)."""
-    import textwrap
-
     ax.set_title(textwrap.fill(title, max(20, int(width_in * 8))))
 
 
 def measure_label(name: str) -> str:
-    """The readable name of an RDM metric or a similarity method (``correlation`` -> ``1 - Pearson r``)."""
+    """The readable name of an RDM metric or a similarity method, for axes and colour bars.
+
+    Args:
+        name: a metric (``correlation``) or method (``rdm-spearman``); anything else is returned as is.
+
+    Returns:
+        The label, e.g. ``1 - Pearson r``.
+
+    Example:
+        >>> measure_label("correlation")
+        '1 - Pearson r'
+    """
     return METRIC_LABELS.get(name) or METHOD_LABELS.get(name) or name
 
 
@@ -123,11 +135,30 @@ def plot_rdm(
 ) -> Path:
     """Heatmap of an (N, N) RDM, rows/columns grouped by class, with class boundary lines and names.
 
-    ``matrix``: RDM array or .npy/.csv/.mat path. ``targets``: (N,) integer class per image (e.g.
-    ``run.targets``); ``classes``: names indexed by target (``run.classes``). Without targets the
-    RDM is drawn in its own order. ``measure``: the metric (``correlation``, ``euclidean``, ...) or a
-    label, written on the colour bar (default "dissimilarity"). Colours span the off-diagonal values.
-    Returns ``path`` (PNG/SVG/PDF by suffix).
+    Without targets the RDM is drawn in its own order. Colours span the off-diagonal values.
+    Needs ``pip install 'layertap[plots]'``.
+
+    Args:
+        matrix: an RDM array or a .npy/.csv/.mat path.
+        path: the figure file (PNG/SVG/PDF by suffix).
+        targets: (N,) integer class per image (e.g. ``run.targets``).
+        classes: names indexed by target (``run.classes``).
+        title: the figure title.
+        cmap: the matplotlib colour map.
+        figsize: inches.
+        dpi: dots per inch of raster formats.
+        measure: the metric (``correlation``, ``euclidean``, ...) or a label for the colour bar
+            (default "dissimilarity").
+
+    Returns:
+        ``path``.
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed.
+        LayertapError: not an RDM, or targets of the wrong length.
+
+    Example:
+        >>> plot_rdm(lt.analysis.rdm(run["avgpool"]), "rdm.png", run.targets, run.classes)  # doctest: +SKIP
     """
     d = load_matrix(matrix)
     if d.shape[0] != d.shape[1]:
@@ -179,10 +210,31 @@ def plot_layer_similarity(
 ) -> Path:
     """Heatmap of a layer x layer similarity matrix (from :func:`layertap.analysis.layer_similarity`).
 
-    Values are written in the cells when ``annotate`` (default: up to 15 x 15 cells). Colours span
-    the data's range off the diagonal (a layer with itself is 1 by definition). ``measure``: the
-    method (``rdm-spearman``, ``cka-linear``, ...) or a label for the colour bar; ``row_title`` /
-    ``col_title`` name the axes (e.g. the two models). Returns ``path``.
+    Colours span the data's range off the diagonal (a layer with itself is 1 by definition).
+
+    Args:
+        matrix: (rows, cols) similarities.
+        row_labels: the row layers.
+        col_labels: the column layers.
+        path: the figure file (PNG/SVG/PDF by suffix).
+        title: the figure title.
+        cmap: the matplotlib colour map.
+        annotate: write values in the cells (default: up to 15 x 15 cells).
+        figsize: inches (default: grows with the number of layers).
+        dpi: dots per inch of raster formats.
+        measure: the method (``rdm-spearman``, ``cka-linear``, ...) or a label for the colour bar.
+        row_title: names the row axis (e.g. the first model).
+        col_title: names the column axis.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed.
+
+    Example:
+        >>> sim = lt.analysis.layer_similarity(run)  # doctest: +SKIP
+        >>> plot_layer_similarity(sim.matrix, sim.rows, sim.cols, "layers.png")  # doctest: +SKIP
     """
     m = np.asarray(matrix, dtype=np.float64)
     if m.ndim != 2 or m.shape != (len(row_labels), len(col_labels)):
@@ -211,7 +263,22 @@ def plot_layer_similarity(
 
 
 def mds_embedding(dissimilarities: np.ndarray, random_state: int = 0) -> np.ndarray:
-    """(N, 2) metric MDS coordinates of an (N, N) RDM (scikit-learn SMACOF, fixed seed)."""
+    """(N, 2) metric MDS coordinates of an (N, N) RDM (scikit-learn SMACOF, fixed seed).
+
+    Args:
+        dissimilarities: an (N, N) RDM.
+        random_state: the seed of SMACOF's initialisation.
+
+    Returns:
+        (N, 2) float64.
+
+    Raises:
+        MissingDependencyError: scikit-learn is not installed.
+
+    Example:
+        >>> mds_embedding(np.ones((3, 3)) - np.eye(3)).shape  # doctest: +SKIP
+        (3, 2)
+    """
     manifold = require("sklearn.manifold", "plots", "MDS plots")
     params = inspect.signature(manifold.MDS).parameters
     kwargs: dict[str, Any] = {"n_components": 2, "random_state": random_state}
@@ -244,9 +311,26 @@ def plot_mds(
 ) -> Path:
     """2-D MDS embedding of the images, one dot per image coloured by class, with a legend.
 
-    ``data``: an (N, N) RDM (square, symmetric, zero diagonal) or an (N, ...) response array /
-    LayerArray whose RDM is computed with ``metric``. ``targets``/``classes`` as in :func:`plot_rdm`.
-    Returns ``path``.
+    Args:
+        data: an (N, N) RDM (square, symmetric, zero diagonal) or an (N, ...) response array /
+            LayerArray whose RDM is computed with ``metric``.
+        path: the figure file (PNG/SVG/PDF by suffix).
+        targets: as in :func:`plot_rdm`.
+        classes: as in :func:`plot_rdm`.
+        metric: the dissimilarity when ``data`` is not an RDM.
+        title: the figure title.
+        figsize: inches.
+        dpi: dots per inch of raster formats.
+        random_state: the MDS seed.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        MissingDependencyError: matplotlib or scikit-learn is not installed.
+
+    Example:
+        >>> plot_mds(run["avgpool"], "mds.png", run.targets, run.classes)  # doctest: +SKIP
     """
     if isinstance(data, (str, os.PathLike)):
         data = load_matrix(data)
@@ -300,12 +384,18 @@ def plot_reference_bars(
     Args:
         scores: ``{layer: similarity}`` in layer order (from :func:`layertap.analysis.compare_to_reference`).
         path: the figure file (.png, .svg, .pdf).
-        ci: ``{layer: (low, high)}`` (e.g. from :func:`layertap.results.bootstrap_ci`), drawn as error bars.
+        ci: ``{layer: (low, high)}`` (e.g. from :func:`layertap.analysis.results.bootstrap_ci`), drawn as error bars.
         measure: the method or a label for the value axis.
         title: the figure title.
+        figsize: inches (default: grows with the number of layers).
+        dpi: dots per inch of raster formats.
 
     Returns:
         ``path``.
+
+    Example:
+        >>> scores = lt.analysis.compare_to_reference(run, "brain_rdm.npy")  # doctest: +SKIP
+        >>> plot_reference_bars(scores, "bars.png", measure=scores.method)  # doctest: +SKIP
     """
     layers = list(scores)
     values = np.array([scores[k] for k in layers], dtype=np.float64)

@@ -17,7 +17,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from layertap.analysis.plots import plot_layer_similarity, plot_rdm
+from layertap.analysis.rdms import rdm
+from layertap.analysis.similarity import layer_similarity
+from layertap.data.images import load_rgb
 from layertap.errors import LayertapError
+from layertap.store.blocks import ITEMSIZE
+from layertap.store.files import disk_error
+from layertap.store.manifest import Manifest
+from layertap.store.run import Run
+from layertap.units import human_bytes
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -35,8 +44,6 @@ def _uri(data: bytes, mime: str) -> str:
 
 def _thumbnail(path: Path, size: int = 96) -> str | None:
     """A JPEG thumbnail of the image as a data URI (None when it cannot be decoded)."""
-    from layertap.data.images import load_rgb
-
     try:
         img = load_rgb(str(path))
     except Exception:  # noqa: BLE001 - a report shows what it can
@@ -55,16 +62,18 @@ def _figure_uri(draw: Any) -> str:
         return _uri(path.read_bytes(), "image/png")
 
 
-def _timing(m: dict[str, Any]) -> str:
+def _timing(m: Manifest) -> str:
+    """Created to finished, and images per second, or "unknown" (an unfinished or older run)."""
+    if m.created is None or m.finished is None:
+        return "unknown"
     try:
-        t0 = datetime.fromisoformat(m["created"])
-        t1 = datetime.fromisoformat(m["finished"])
-    except (KeyError, TypeError, ValueError):
+        t0, t1 = datetime.fromisoformat(m.created), datetime.fromisoformat(m.finished)
+    except (TypeError, ValueError):
         return "unknown"
     seconds = (t1 - t0).total_seconds()
-    n = len(m.get("images", {}).get("rows", []))
+    n = len((m.images or {}).get("rows", []))
     rate = f", {n / seconds:.1f} images/s" if seconds > 0 else ""
-    return f"{seconds:.0f} s from {m['created']} to {m['finished']}{rate}"
+    return f"{seconds:.0f} s from {m.created} to {m.finished}{rate}"
 
 
 def write_report(
@@ -75,7 +84,7 @@ def write_report(
     max_layers: int = 12,
     metric: str = "correlation",
 ) -> Path:
-    """Write the run's HTML report.
+    """Write the run's HTML report (one file, everything inlined: thumbnails, figures; no scripts).
 
     Args:
         run: a :class:`layertap.Run` or its directory.
@@ -86,15 +95,18 @@ def write_report(
 
     Returns:
         The path written.
-    """
-    from layertap.analysis.plots import plot_layer_similarity, plot_rdm
-    from layertap.analysis.similarity import layer_similarity, rdm
-    from layertap.extraction.planning import ITEMSIZE, human_bytes
-    from layertap.store.run import Run
 
+    Raises:
+        LayertapError: a run with no stored layers.
+        StorageError: the file cannot be written.
+
+    Example:
+        >>> write_report("./acts")  # doctest: +SKIP
+        PosixPath('acts/report.html')
+    """
     r = run if isinstance(run, Run) else Run(run)
     m = r.manifest
-    model = m.get("model", {})
+    model = m.model or {}
     e = html.escape
     name = str(model.get("name", ""))
     weights = model.get("weights", {})
@@ -103,13 +115,13 @@ def write_report(
         f"<style>{STYLE}</style></head><body>",
         f"<h1>layertap run: {e(name)}</h1>",
         "<table>",
-        f"<tr><th>run</th><td><code>{e(str(r.path))}</code> ({e(str(m.get('status')))})</td></tr>",
+        f"<tr><th>run</th><td><code>{e(str(r.path))}</code> ({e(m.status)})</td></tr>",
         f"<tr><th>model</th><td>{e(name)} (source {e(str(model.get('source', '')))})</td></tr>",
         f"<tr><th>weights</th><td><code>{e(str(weights))}</code></td></tr>",
         f"<tr><th>transform</th><td><code>{e(str(model.get('transform', '')))}</code></td></tr>",
         f"<tr><th>images</th><td>{len(r.images)} stored, {len(r.skipped)} skipped</td></tr>",
         f"<tr><th>timing</th><td>{e(_timing(m))}</td></tr>",
-        f"<tr><th>options</th><td><code>{e(str(m.get('options', {})))}</code></td></tr>",
+        f"<tr><th>options</th><td><code>{e(str(m.options or {}))}</code></td></tr>",
         "</table>",
         "<h2>Layers</h2><table><tr><th>layer</th><th>shape per image</th><th>dtype</th><th>reducer</th>"
         "<th class='num'>size</th></tr>",
@@ -176,7 +188,5 @@ def write_report(
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text("\n".join(parts), encoding="utf-8")
     except OSError as err:
-        from layertap.store.run import disk_error
-
         raise disk_error(err, target) from None
     return target

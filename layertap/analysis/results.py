@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from layertap._optional import require
 from layertap.errors import LayertapError
 
 
@@ -22,22 +23,44 @@ class _Matrix(NamedTuple):
 
 
 class LayerSimilarity(_Matrix):
-    """Layer x layer similarity: ``.matrix`` (rows x cols float64), ``.rows``, ``.cols``, ``.method``,
-    ``.metric``; ``m, rows, cols = result`` still works."""
+    """Layer x layer similarity: ``.matrix`` (rows x cols float64), ``.rows``, ``.cols``, ``.method``, ``.metric``.
+
+    A NamedTuple, so ``m, rows, cols = result`` (the older tuple form) still works.
+
+    Example:
+        >>> sim = LayerSimilarity.of(np.eye(2), ["a", "b"], ["a", "b"], "rdm-spearman", "correlation")
+        >>> m, rows, cols = sim
+        >>> rows, sim.method
+        (['a', 'b'], 'rdm-spearman')
+    """
 
     method: str
     metric: str
 
     @classmethod
     def of(cls, matrix: np.ndarray, rows: list[str], cols: list[str], method: str, metric: str) -> LayerSimilarity:
+        """Build one with its method and metric.
+
+        Args:
+            matrix: (rows, cols) similarities.
+            rows: the row layers.
+            cols: the column layers.
+            method: the :data:`~layertap.analysis.similarity.METHODS` name used.
+            metric: the RDM dissimilarity used.
+
+        Returns:
+            The result.
+        """
         out = cls(matrix, rows, cols)
         out.method, out.metric = method, metric
         return out
 
     def to_pandas(self) -> Any:
-        """The matrix as a DataFrame: index = row layers, columns = column layers."""
-        from layertap.models.registry import require
+        """The matrix as a DataFrame: index = row layers, columns = column layers.
 
+        Returns:
+            A ``pandas.DataFrame`` (needs ``pip install 'layertap[labels]'``).
+        """
         pd = require("pandas", "labels")
         return pd.DataFrame(self.matrix, index=pd.Index(self.rows, name="layer"), columns=pd.Index(self.cols, name="layer"))
 
@@ -52,16 +75,39 @@ class LayerSimilarity(_Matrix):
 
 
 class ReferenceScores(dict):
-    """``{layer: similarity with the reference}`` in layer order, with ``.method`` and ``.metric``."""
+    """``{layer: similarity with the reference}`` in layer order, with ``.method`` and ``.metric``.
 
-    def __init__(self, scores: dict[str, float], method: str, metric: str) -> None:
+    Attributes:
+        method: the comparison (e.g. ``"rdm-spearman"``).
+        metric: the RDM dissimilarity.
+        rdms: ``{layer: (N, N) RDM}`` the scores were computed from, when asked for (``keep_rdms=True`` of
+            :func:`~layertap.analysis.similarity.compare_to_reference`, rdm-* methods), else None.
+        reference_rdm: the reference's (N, N) RDM in that case, else None.
+
+    Example:
+        >>> scores = ReferenceScores({"layer3": 0.21, "avgpool": 0.34}, "rdm-spearman", "correlation")
+        >>> max(scores, key=scores.get), scores.method
+        ('avgpool', 'rdm-spearman')
+    """
+
+    def __init__(
+        self,
+        scores: dict[str, float],
+        method: str,
+        metric: str,
+        rdms: dict[str, np.ndarray] | None = None,
+        reference_rdm: np.ndarray | None = None,
+    ) -> None:
         super().__init__(scores)
         self.method, self.metric = method, metric
+        self.rdms, self.reference_rdm = rdms, reference_rdm
 
     def to_pandas(self) -> Any:
-        """One row per layer: columns ``layer``, ``similarity``, ``method``."""
-        from layertap.models.registry import require
+        """One row per layer: columns ``layer``, ``similarity``, ``method``.
 
+        Returns:
+            A ``pandas.DataFrame`` (needs ``pip install 'layertap[labels]'``).
+        """
         pd = require("pandas", "labels")
         return pd.DataFrame(
             {"layer": list(self), "similarity": list(self.values()), "method": [self.method] * len(self)}
@@ -97,9 +143,15 @@ def bootstrap_ci(
 
     Returns:
         ``(low, high)``.
-    """
-    from scipy.stats import kendalltau, pearsonr, rankdata
 
+    Example:
+        >>> x = np.random.default_rng(0).normal(size=(12, 4))
+        >>> rdm = np.abs(x[:, None] - x[None]).sum(-1)  # city-block distances
+        >>> [round(v, 6) for v in bootstrap_ci(rdm, rdm)]  # an RDM with itself
+        [1.0, 1.0]
+    """
+    stats = require("scipy.stats", "rsa", "bootstrap confidence intervals")
+    kendalltau, pearsonr, rankdata = stats.kendalltau, stats.pearsonr, stats.rankdata
     if method not in ("rdm-spearman", "rdm-pearson", "rdm-kendall_tau_a"):
         raise LayertapError(f"bootstrap CIs are for rdm-spearman, rdm-pearson or rdm-kendall_tau_a, not {method}")
     a, b = np.asarray(layer_rdm, dtype=np.float64), np.asarray(reference_rdm, dtype=np.float64)
@@ -108,7 +160,7 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
+        idx = np.asarray(rng.integers(0, n, size=n))
         i, j = idx[iu[0]], idx[iu[1]]
         keep = i != j
         x, y = a[i[keep], j[keep]], b[i[keep], j[keep]]

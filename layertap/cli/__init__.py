@@ -1,9 +1,11 @@
 """The command line, a thin layer over the library: ``layertap extract|plan|report|...``.
 
-:mod:`.main` builds the parser and dispatches; :mod:`.analysis`, :mod:`.encode` and :mod:`.train` add
-their subcommands. Library modules never import from here.
+:mod:`.app` builds the parser from the subcommands that :mod:`.models`, :mod:`.extract`, :mod:`.analysis`,
+:mod:`.encode`, :mod:`.train` and :mod:`.process` define, runs one, and maps library exceptions to exit
+codes. :mod:`.formatting` is the one help formatter and parser class; :mod:`.options` holds the options
+shared by several commands (one definition and one default each). Library modules never import from here.
 """
 
-from layertap.cli.main import build_parser, main
+from layertap.cli.app import build_parser, main
 
 __all__ = ["build_parser", "main"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from layertap.cli.formatting import add_command
+from layertap.cli.options import add_quiet, add_seed, keyword_args, positive
+
 ENCODE_EXAMPLES = """examples:
   layertap encode ./acts --responses betas.h5 --stimuli stimulus_ids.tsv --out ./scores      # every layer
   layertap encode ./acts --layers 'layer?' avgpool --responses eeg.npy --stimuli ids.txt --folds 5 \\
@@ -21,18 +24,23 @@ scores.png (layer profile per ROI with the noise-ceiling band).
 
 
 def add_encode_command(sub: argparse._SubParsersAction) -> None:
-    """Add the ``encode`` subcommand to the main parser's subparsers."""
-    from layertap.cli.main import _Help  # the CLI's one formatter: examples as written, defaults shown
+    """Add the ``encode`` subcommand to the main parser's subparsers.
+
+    Args:
+        sub: the subparsers action of the ``layertap`` parser.
+    """
+    # the encode package imports its fitting stack (seconds); its choices are read when the parser is built
     from layertap.encode.ceiling import CEILINGS
     from layertap.encode.ridge import BACKENDS, DEFAULT_ALPHAS, SOLVERS
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "encode",
+        cmd_encode,
         help="score every layer of a run as a ridge encoding model of brain/behaviour responses",
         description="Fit ridge regression (one alpha per target, chosen by inner CV on training stimuli only) from "
         "each stored layer to a response matrix, score Pearson r and R^2 on held-out stimuli, with noise ceilings "
         "from repeated measurements and per-ROI summaries.",
-        formatter_class=_Help,
         epilog=ENCODE_EXAMPLES,
     )
     p.add_argument("run", help="run directory written by 'layertap extract'")
@@ -47,9 +55,11 @@ def add_encode_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rois", default=None, metavar="FILE", help="one ROI label per target: .txt, .npy or .tsv/.csv")
     p.add_argument("--roi-column", default=None, help="column of --rois holding the labels")
     p.add_argument("--layers", nargs="+", default=None, help="layers (names or globs; default all)")
-    p.add_argument("--folds", type=int, default=5, help="outer K-fold over stimuli (default 5)")
+    p.add_argument("--folds", type=positive(int), default=5, help="outer K-fold over stimuli (default 5)")
     p.add_argument("--test-split", default=None, metavar="FILE", help="ids of the test stimuli (instead of --folds)")
-    p.add_argument("--inner-folds", type=int, default=5, help="inner K-fold choosing each target's alpha (default 5)")
+    p.add_argument(
+        "--inner-folds", type=positive(int), default=5, help="inner K-fold choosing each target's alpha (default 5)"
+    )
     p.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f"LO:HI:N log-spaced, or a,b,c (default {DEFAULT_ALPHAS})")
     p.add_argument("--reduce", default=None, metavar="SPEC",
                    help="pca:K (fitted on each fold's training stimuli) or srp:K[:SEED] before the ridge")
@@ -60,53 +70,39 @@ def add_encode_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", default="float32", choices=("float32", "float64"), help="working precision of the fits"
     )
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive(int), default=None,
                    help="BLAS/torch threads for the fits (default: all; 1 is often faster on a busy machine)")
     p.add_argument("--ceiling", default=None, choices=CEILINGS, help="noise ceiling from --repeats: split-half (Spearman-Brown, default) or ncsnr (NSD)")
     p.add_argument("--on-missing", default="error", choices=("error", "drop"),
                    help="stimulus ids not in the run: error (default) or drop them (reported)")
     p.add_argument("--transpose", action="store_true", help="responses are targets x stimuli")
-    p.add_argument("--seed", type=int, default=0, help="seed of the folds, ceiling splits and bootstrap")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of targets for CIs")
+    add_seed(p, "seed of the folds, ceiling splits and bootstrap")
+    p.add_argument(
+        "--bootstrap",
+        dest="n_bootstrap",
+        metavar="BOOTSTRAP",
+        type=positive(int),
+        default=1000,
+        help="bootstrap resamples of targets for CIs",
+    )
     p.add_argument("--metric", default="r", choices=("r", "r2", "r_norm", "r2_norm"), help="metric of the figure")
     p.add_argument("--out", "-o", required=True, help="output folder")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw scores.png")
     p.add_argument("--plot", dest="plot", action="store_true", default=True, help="draw scores.png (default)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_encode)
+    add_quiet(p, "no progress bar")
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
-    """Run :func:`layertap.encode` and write its table, summary, manifest and figure."""
+    """Run :func:`layertap.encode` and write its table, summary, manifest and figure.
+
+    Args:
+        args: the parsed command line.
+    """
     from layertap.encode.encoding import encode
 
-    scores = encode(
-        args.run,
-        args.responses,
-        args.stimuli,
-        layers=args.layers,
-        folds=args.folds,
-        test_split=args.test_split,
-        alphas=args.alphas,
-        inner_folds=args.inner_folds,
-        reduce=args.reduce,
-        solver=args.solver,
-        backend=args.backend,
-        dtype=args.dtype,
-        repeats=args.repeats,
-        ceiling=args.ceiling,
-        rois=args.rois,
-        key=args.key,
-        repeats_key=args.repeats_key,
-        stimulus_column=args.stimulus_column,
-        roi_column=args.roi_column,
-        on_missing=args.on_missing,
-        transpose=args.transpose,
-        seed=args.seed,
-        n_bootstrap=args.bootstrap,
-        progress=False if args.quiet else None,
-        threads=args.threads,
-    )
+    # progress: None lets encode() decide (a bar on a terminal); --quiet turns it off
+    kwargs = keyword_args(encode, args, progress=False if args.quiet else None)
+    scores = encode(args.run, args.responses, args.stimuli, **kwargs)
     paths = scores.save(Path(args.out), plot=args.plot, metric=args.metric)
     s = scores.summary
     rows = s[(s["metric"] == "r") & s["layer"].notna()]

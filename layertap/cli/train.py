@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
+
+from layertap.cli.formatting import add_command
+from layertap.cli.options import (
+    add_batch_size,
+    add_device,
+    add_quiet,
+    add_seed,
+    add_workers,
+    keyword_args,
+    positive,
+    resolve_workers,
+)
 
 EXAMPLES = """examples:
   layertap train ipcl --images ./train --val ./val --out ./runs/ipcl --epochs 100 --batch-size 128
@@ -16,42 +29,36 @@ EXAMPLES = """examples:
 """
 
 
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
-
-
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``train`` (with ``ipcl`` and ``linear-probe``) to the ``layertap`` subcommands."""
-    from layertap.cli.main import _Help  # the CLI's one formatter: examples as written, defaults shown
+    """Add ``train`` (with ``ipcl`` and ``linear-probe``) to the ``layertap`` subcommands.
 
-    p = sub.add_parser(
+    Args:
+        sub: the subparsers action of the ``layertap`` parser.
+    """
+    p = add_command(
+        sub,
         "train",
+        None,  # the leaves (ipcl, linear-probe) set what runs
         help="train a model (IPCL self-supervised) or a linear probe on a frozen layer",
         description="Training: 'ipcl' trains an IPCL model and checkpoints it every epoch; "
         "'linear-probe' evaluates a frozen layer with a linear classifier.",
-        formatter_class=_Help,
         epilog=EXAMPLES,
     )
     tsub = p.add_subparsers(dest="train_command", required=True, metavar="WHAT")
-    _add_ipcl(tsub, _Help)
-    _add_probe(tsub, _Help)
+    _add_ipcl(tsub)
+    _add_probe(tsub)
 
 
-def _add_ipcl(tsub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
-    p = tsub.add_parser(
+def _add_ipcl(tsub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        tsub,
         "ipcl",
+        cmd_train_ipcl,
         help="instance-prototype contrastive learning (Konkle & Alvarez)",
         description="Train with the IPCL objective: N augmentations per image, prototype = mean sample "
         "embedding, negatives from a queue of recent embeddings, NCE (or softmax) loss. Writes RUN/"
         "checkpoint.pth.tar every epoch (loadable with --model ipcl:alexnet_gn --weights FILE), log.csv, "
         "log.json, training.png. Under torchrun it trains with DistributedDataParallel.",
-        formatter_class=formatter,
         epilog=EXAMPLES,
     )
     p.add_argument("--images", "-i", required=True, help="training images (folder or list; labels not needed)")
@@ -60,16 +67,16 @@ def _add_ipcl(tsub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
     p.add_argument("--knn-train", help="labelled kNN reference images (default: --images)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
     p.add_argument("--overwrite", action="store_true", help="start again even if --out holds a run")
-    p.add_argument("--stop-after", type=_positive(int), help="stop after this epoch (resume later)")
+    p.add_argument("--stop-after", type=positive(int), help="stop after this epoch (resume later)")
     p.add_argument("--keep-checkpoints", action="store_true", help="also keep checkpoint_epochNNN.pth.tar per epoch")
     m = p.add_argument_group("model and objective")
     m.add_argument("--arch", default="alexnet_gn", help="alexnet_gn (default) or any model name of 'layertap models'")
     m.add_argument("--arch-weights", default="random", help="initial backbone weights for registry models: random, pretrained, a weights id or a file")
-    m.add_argument("--out-dim", type=_positive(int), default=128, help="embedding dimension (default 128)")
-    m.add_argument("--size", type=_positive(int), default=224, help="crop size in pixels (default 224)")
-    m.add_argument("--n-samples", type=_positive(int), default=5, help="augmentations per image (default 5)")
-    m.add_argument("--queue-size", type=_positive(int), default=4096, help="negatives kept (default 4096)")
-    m.add_argument("--temperature", type=_positive(float), default=0.07, help="softmax temperature (default 0.07)")
+    m.add_argument("--out-dim", type=positive(int), default=128, help="embedding dimension (default 128)")
+    m.add_argument("--size", type=positive(int), default=224, help="crop size in pixels (default 224)")
+    m.add_argument("--n-samples", type=positive(int), default=5, help="augmentations per image (default 5)")
+    m.add_argument("--queue-size", type=positive(int), default=4096, help="negatives kept (default 4096)")
+    m.add_argument("--temperature", type=positive(float), default=0.07, help="softmax temperature (default 0.07)")
     m.add_argument(
         "--loss",
         choices=["nce", "softmax"],
@@ -87,12 +94,12 @@ def _add_ipcl(tsub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
     m.add_argument("--prototype-grad", action="store_true", help="let gradients flow through the prototypes")
     m.add_argument("--store-prototype", action="store_true", help="queue the prototypes, not the samples")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=_positive(int), default=100, help="passes over --images")
-    o.add_argument("--batch-size", type=_positive(int), default=128, help="images per step, summed over all ranks")
+    o.add_argument("--epochs", type=positive(int), default=100, help="passes over --images")
+    add_batch_size(o, 128, "images per step, summed over all ranks")
     o.add_argument(
-        "--batch-multiplier", type=_positive(int), default=1, help="gradient accumulation: steps per optimiser step"
+        "--batch-multiplier", type=positive(int), default=1, help="gradient accumulation: steps per optimiser step"
     )
-    o.add_argument("--lr", type=_positive(float), default=0.03, help="peak learning rate (default 0.03)")
+    o.add_argument("--lr", type=positive(float), default=0.03, help="peak learning rate (default 0.03)")
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default %(default)s; 0 helps on small data sets, see README)")
     o.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     o.add_argument(
@@ -102,12 +109,12 @@ def _add_ipcl(tsub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
         help="learning-rate schedule over all steps: one-cycle (cosine up then down), cosine decay, or constant",
     )
     o.add_argument(
-        "--div-factor", type=_positive(float), default=1000.0, help="one-cycle: the start lr is lr / div-factor"
+        "--div-factor", type=positive(float), default=1000.0, help="one-cycle: the start lr is lr / div-factor"
     )
     o.add_argument("--pct-start", type=float, default=0.4, help="one-cycle rising fraction (default 0.4)")
     o.add_argument(
         "--final-div-factor",
-        type=_positive(float),
+        type=positive(float),
         default=1e7,
         help="one-cycle: the final lr is lr / div-factor / final-div-factor (default %(default)g)",
     )
@@ -121,24 +128,25 @@ def _add_ipcl(tsub: argparse._SubParsersAction, formatter: type[argparse.HelpFor
     d = p.add_argument_group("data and machine")
     d.add_argument("--augment", choices=["cpu", "tensor"], default="cpu", help="torchvision (cpu) or batched on device")
     d.add_argument("--scale-min", type=float, default=0.2, help="smallest crop area fraction (default 0.2)")
-    d.add_argument("--knn-k", type=_positive(int), default=200, help="neighbours voting in the kNN accuracy")
+    d.add_argument("--knn-k", type=positive(int), default=200, help="neighbours voting in the kNN accuracy")
     d.add_argument(
-        "--knn-every", type=_positive(int), default=1, help="kNN accuracy on --val every this many epochs"
+        "--knn-every", type=positive(int), default=1, help="kNN accuracy on --val every this many epochs"
     )
-    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (the best available)")
-    d.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0)")
-    d.add_argument("--seed", type=int, default=0, help="seed for the initial weights, augmentations and order")
+    add_device(d)
+    add_workers(d)
+    add_seed(d, "seed for the initial weights, augmentations and order")
     d.add_argument("--no-plot", action="store_true", help="do not write training.png")
-    p.set_defaults(func=cmd_train_ipcl)
+    add_quiet(d)
 
 
-def _add_probe(tsub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
-    p = tsub.add_parser(
+def _add_probe(tsub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        tsub,
         "linear-probe",
+        cmd_linear_probe,
         help="linear classifier on one frozen layer of a trained run",
         description="Train a linear readout of one frozen layer (one-cycle SGD) and report top-1 on --val. "
         "The layer's outputs are flattened; the trained model stays frozen.",
-        formatter_class=formatter,
         epilog="examples:\n  layertap train linear-probe --run ./runs/ipcl --layer fc7 --images ./train --val ./val\n"
         "  layertap train linear-probe --run ./runs/ipcl/checkpoint.pth.tar --layer conv_block_5 --augment none \\\n"
         "      --images ./train --val ./val --out probe.json",
@@ -148,12 +156,12 @@ def _add_probe(tsub: argparse._SubParsersAction, formatter: type[argparse.HelpFo
     p.add_argument("--images", "-i", required=True, help="labelled training images (class subfolders)")
     p.add_argument("--val", required=True, help="labelled validation images")
     p.add_argument("--out", help="result JSON (default RUN/linear_probe_LAYER.json for a run folder)")
-    p.add_argument("--epochs", type=_positive(int), default=10, help="passes over --images")
-    p.add_argument("--batch-size", type=_positive(int), default=256, help="images per step")
-    p.add_argument("--lr", type=_positive(float), default=30.0, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--epochs", type=positive(int), default=10, help="passes over --images")
+    add_batch_size(p, 256, "images per step")
+    p.add_argument("--lr", type=positive(float), default=30.0, help="peak learning rate of the one-cycle schedule")
     p.add_argument(
         "--div-factor",
-        type=_positive(float),
+        type=positive(float),
         default=1e6,
         help="one-cycle: the start lr is lr / div-factor (default %(default)g)",
     )
@@ -166,43 +174,39 @@ def _add_probe(tsub: argparse._SubParsersAction, formatter: type[argparse.HelpFo
         default="crop-flip",
         help="crop-flip: random resized crop and flip each epoch; none: the model's transform, features computed once",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (the best available)")
-    p.add_argument("--workers", type=int, default=0, help="image decoding processes")
-    p.add_argument("--seed", type=int, default=0, help="seed for the data order, crops and the head's weights")
-    p.set_defaults(func=cmd_linear_probe)
-
-
-_IPCL_KEYS = (
-    "arch arch_weights out_dim size n_samples queue_size temperature loss layout norm_prototype store_prototype "
-    "epochs batch_size batch_multiplier lr momentum weight_decay scheduler div_factor pct_start final_div_factor "
-    "augment scale_min knn_k knn_every seed"
-).split()
+    add_device(p)
+    add_workers(p)
+    add_seed(p, "seed for the data order, crops and the head's weights")
+    add_quiet(p)
 
 
 def cmd_train_ipcl(args: argparse.Namespace) -> None:
-    from layertap.training.ipcl import train_ipcl
+    """Train (or resume) the IPCL run; print the last epoch's record as JSON (rank 0 under torchrun).
 
-    config = {} if args.resume else {k: getattr(args, k) for k in _IPCL_KEYS}
-    if not args.resume:
+    Args:
+        args: the parsed command line.
+    """
+    import torch.distributed as dist
+
+    from layertap.training.ipcl import IPCLConfig, train_ipcl
+
+    config: dict[str, Any] = {}
+    if not args.resume:  # a resumed run keeps its saved settings
+        # every IPCLConfig field the command line defines, under the same name
+        config = {f.name: getattr(args, f.name) for f in dataclasses.fields(IPCLConfig) if hasattr(args, f.name)}
         config["detach_prototype"] = not args.prototype_grad
     result = train_ipcl(
         args.images,
         args.out,
-        val=args.val,
-        knn_train=args.knn_train,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        stop_after=args.stop_after,
-        keep_checkpoints=args.keep_checkpoints,
-        device=args.device,
-        workers=args.workers,
-        progress=not getattr(args, "quiet", False),
-        plot=False if args.no_plot else "auto",
-        on_divergence=args.on_divergence,
+        **keyword_args(
+            train_ipcl,
+            args,
+            workers=resolve_workers(args.workers),
+            progress=not args.quiet,
+            plot=False if args.no_plot else "auto",
+        ),
         **config,
     )
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return  # under torchrun, rank 0 reports
     last = result.history[-1] if result.history else {}
@@ -210,6 +214,11 @@ def cmd_train_ipcl(args: argparse.Namespace) -> None:
 
 
 def cmd_linear_probe(args: argparse.Namespace) -> None:
+    """Train the linear probe and print its top-1 accuracies.
+
+    Args:
+        args: the parsed command line.
+    """
     from layertap.training.probe import linear_probe
 
     r = linear_probe(
@@ -217,18 +226,6 @@ def cmd_linear_probe(args: argparse.Namespace) -> None:
         args.layer,
         args.images,
         args.val,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        div_factor=args.div_factor,
-        pct_start=args.pct_start,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        augment=args.augment,
-        device=args.device,
-        workers=args.workers,
-        seed=args.seed,
-        out=args.out,
-        progress=not getattr(args, "quiet", False),
+        **keyword_args(linear_probe, args, workers=resolve_workers(args.workers), progress=not args.quiet),
     )
     print(f"{r.layer}: val top-1 {r.val_top1:.2f}% (train {r.train_top1:.2f}%, {r.n_features} features)")

@@ -23,16 +23,29 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from layertap._optional import require
 from layertap.data.images import Batch, ImageSet, to_rgb
+from layertap.data.video import _batch_loader
 from layertap.errors import LayertapError
 
 H5_EXTENSIONS = (".h5", ".hdf5", ".hdf")
 
 
 def split_array_path(path: str | os.PathLike[str]) -> tuple[Path, str | None] | None:
-    """``stimuli.npy`` -> (file, None); ``stimuli.h5:images`` -> (file, 'images'); anything that
-    is not an array file -> None."""
+    """Split a stimulus-array path into its file and HDF5 dataset.
+
+    Args:
+        path: ``stimuli.npy``, ``stimuli.h5`` or ``stimuli.h5:dataset``.
+
+    Returns:
+        (file, dataset or None), or None for anything that is not an array file.
+
+    Example:
+        >>> split_array_path("stimuli.h5:images"), split_array_path("a.jpg")
+        ((PosixPath('stimuli.h5'), 'images'), None)
+    """
     text = os.fspath(path)
     if text.lower().endswith(".npy"):
         return Path(text), None
@@ -55,8 +68,6 @@ def _open_array(file: Path, dataset: str | None) -> tuple[Any, Any]:
             return np.load(file, mmap_mode="r", allow_pickle=False), None
         except (ValueError, OSError) as err:
             raise LayertapError(f"cannot read {file} as a .npy array: {str(err).splitlines()[0]}") from None
-    from layertap.models.registry import require
-
     h5py = require("h5py", "export")
     try:
         handle = h5py.File(file, "r")
@@ -90,8 +101,22 @@ def _check_shape(shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
 
 
 def read_ids(path: str | os.PathLike[str], n: int) -> tuple[list[str], list[str] | None]:
-    """Row ids (and classes, if there is a class column): a .txt with one id per line or a
-    .csv/.tsv with an ``id`` (or ``name``/``stimulus``/``path``) column. Must have n rows."""
+    """Row ids (and classes, if there is a class column) for a stimulus array.
+
+    Args:
+        path: a .txt with one id per line, or a .csv/.tsv with an ``id`` (or ``name``/``stimulus``/``path``)
+            column and optionally a ``class`` column.
+        n: the array's number of rows (the file must have as many).
+
+    Returns:
+        (ids, classes or None).
+
+    Raises:
+        LayertapError: a missing file or column, or a row count other than ``n``.
+
+    Example:
+        >>> read_ids("stimuli_ids.tsv", n=1854)  # doctest: +SKIP
+    """
     p = Path(path)
     if not p.is_file():
         raise LayertapError(f"ids file not found: {p}")
@@ -118,7 +143,12 @@ def read_ids(path: str | os.PathLike[str], n: int) -> tuple[list[str], list[str]
 
 @dataclass
 class ArraySet(ImageSet):
-    """The images of a stimulus array, one row per array index (``index[i]``)."""
+    """The images of a stimulus array, one row per array index (``index[i]``).
+
+    Example:
+        >>> stimuli = open_stimuli("stimuli.npy")  # doctest: +SKIP
+        >>> len(stimuli), stimuli.row_fields(0)  # doctest: +SKIP
+    """
 
     file: str = ""
     dataset: str | None = None
@@ -210,15 +240,22 @@ class ArraySet(ImageSet):
         **_: Any,
     ) -> Iterator[Batch]:
         """Batches of rows ``start:``; each batch's array rows are read in one slice in a worker."""
-        from layertap.data.video import _batch_loader
-
         return _batch_loader(_ArrayRows(self, transform), len(self), batch_size, start, workers, pin_memory)
 
 
 def array_to_image(a: np.ndarray) -> Any:
-    """One array image (H, W[, C]) as an RGB PIL image; floats in [0, 1] scaled to 8 bits."""
-    from PIL import Image
+    """One array image as an RGB PIL image.
 
+    Args:
+        a: (H, W) or (H, W, C) with C = 1, 3 or 4; uint8, or floats in [0, 1] (scaled to 8 bits with round(255x)).
+
+    Returns:
+        The RGB image.
+
+    Example:
+        >>> array_to_image(np.zeros((4, 5), dtype=np.float32)).size
+        (5, 4)
+    """
     if a.dtype != np.uint8:
         a = np.asarray(a, dtype=np.float64)
         if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
@@ -248,11 +285,11 @@ class _ArrayRows(torch.utils.data.Dataset):
             self._pid = os.getpid()
         return self._arr
 
-    def __getitem__(self, rows: list[int]) -> list[tuple[int, torch.Tensor | None, str | None]]:  # type: ignore[override]
+    def __getitem__(self, rows: list[int]) -> list[tuple[int, torch.Tensor | None, str | None]]:
         index = [self.s.index[i] for i in rows]
         lo, hi = min(index), max(index) + 1
         block = self._array()[lo:hi] if hi - lo <= 2 * len(index) else None
-        out = []
+        out: list[tuple[int, torch.Tensor | None, str | None]] = []
         for i, k in zip(rows, index, strict=True):
             try:
                 a = np.asarray(block[k - lo] if block is not None else self._array()[k])

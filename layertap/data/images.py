@@ -9,6 +9,7 @@ reason, never an exception in the middle of a run (unless ``on_error="fail"``).
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import io
 import json
@@ -19,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,13 +37,28 @@ ORIENTATION = 0x0112  # the EXIF tag
 log = logging.getLogger("layertap")
 
 
+#: the set's own class (VideoSet, ArraySet), kept by methods that select rows
+_Set = TypeVar("_Set", bound="ImageSet")
+
+
 @dataclass
 class ImageSet:
     """An ordered list of images with optional targets (class indices) and class names.
 
-    ``paths`` are absolute; ``root`` is where they were found (relative paths in manifests are
-    relative to it). ``targets[i]`` indexes ``classes``. ``concepts`` maps class folder names to
-    THINGS concept words when a ``things_concepts.tsv`` was found.
+    Attributes:
+        paths: absolute image paths, in the set's (deterministic) order.
+        root: where they were found (manifests record paths relative to it).
+        targets: class index per image (``targets[i]`` indexes ``classes``), or None.
+        classes: class names (sorted class folder names), or None.
+        layout: ``"flat"``, ``"class_folders"``, ``"things"``, ``"list"``, ... (how the set was found).
+        concepts: class folder name -> THINGS concept word, when a ``things_concepts.tsv`` was found.
+        selection: how the set was cut (fraction, seed, shard), recorded in the manifest.
+
+    Example:
+        >>> images = ImageSet(paths=["/img/a.jpg", "/img/b.jpg", "/img/c.jpg"])  # or ImageSet.from_path(folder)
+        >>> half = images.shard(1, 2)
+        >>> half.paths, half.selection
+        (['/img/b.jpg', '/img/c.jpg'], {'shard': [1, 2], 'shard_offset': 1})
     """
 
     paths: list[str]
@@ -114,7 +130,9 @@ class ImageSet:
         labels: list[str] | None = None
         text = _read_utf8(lf)
         if lf.suffix.lower() in (".csv", ".tsv"):
-            reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if lf.suffix.lower() == ".tsv" else ",")
+            reader = csv.DictReader(
+                io.StringIO(text, newline=""), delimiter="\t" if lf.suffix.lower() == ".tsv" else ","
+            )
             cols = {c.lower().strip(): c for c in reader.fieldnames or []}
             pcol = next((cols[c] for c in ("path", "file", "filename", "image") if c in cols), None)
             if pcol is None:
@@ -144,7 +162,7 @@ class ImageSet:
         index = {c: i for i, c in enumerate(classes)}
         return cls(paths=paths, root=str(base), targets=[index[c] for c in labels], classes=classes, layout="list")
 
-    def _take(self, idx: Sequence[int], **selection: Any) -> ImageSet:
+    def _take(self: _Set, idx: Sequence[int], **selection: Any) -> _Set:
         return replace(
             self,
             paths=[self.paths[i] for i in idx],
@@ -152,7 +170,7 @@ class ImageSet:
             selection={**self.selection, **selection},
         )
 
-    def subset(self, fraction: float, seed: int = 0) -> ImageSet:
+    def subset(self: _Set, fraction: float, seed: int = 0) -> _Set:
         """A reproducible random ``fraction`` of the images, kept in the set's order."""
         if not 0 < fraction <= 1:
             raise LayertapError(f"--fraction must be in (0, 1], got {fraction}")
@@ -162,7 +180,7 @@ class ImageSet:
         pick = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
         return self._take(pick.tolist(), fraction=fraction, fraction_seed=seed)
 
-    def shard(self, index: int, count: int, align: int = 1) -> ImageSet:
+    def shard(self: _Set, index: int, count: int, align: int = 1) -> _Set:
         """The ``index``-th of ``count`` disjoint, contiguous slices of the order (0-based).
 
         Slices are cut at multiples of ``align`` (the batch size), so every shard computes
@@ -284,16 +302,25 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not sil
 def load_rgb(path: str, exif_transpose: bool = True, draft: int | None = None) -> Image.Image:
     """Decode any supported image to 8-bit RGB.
 
-    Grayscale and palette images are expanded; 16-bit images are scaled to 8 bits (not clipped);
-    CMYK is converted by PIL; transparent pixels are composited onto white. EXIF orientation is
-    applied when ``exif_transpose`` (the photo as a viewer shows it). Decompression bombs (more
-    than twice PIL's ``MAX_IMAGE_PIXELS``, i.e. above ~179 megapixels by default) raise
-    ``PIL.Image.DecompressionBombError``; smaller images are decoded. A path that is not a regular
-    file (a FIFO, a socket, a device) raises ``OSError`` instead of blocking.
+    Grayscale and palette images are expanded; 16-bit images are scaled to 8 bits (not clipped); CMYK is converted
+    by PIL; transparent pixels are composited onto white. Decompression bombs (more than twice PIL's
+    ``MAX_IMAGE_PIXELS``, i.e. above ~179 megapixels by default) raise ``PIL.Image.DecompressionBombError``; smaller
+    images are decoded. A path that is not a regular file (a FIFO, a socket, a device) raises ``OSError`` instead
+    of blocking.
 
-    ``draft`` (opt-in, see :func:`draft_size`): let libjpeg decode a JPEG at 1/2, 1/4 or 1/8
-    scale as long as both sides stay >= ``draft`` pixels. 2-4x faster for large photos, but the
-    pixels differ slightly from a full decode followed by the same resize.
+    Args:
+        path: the image file.
+        exif_transpose: apply the EXIF orientation (the photo as a viewer shows it).
+        draft: opt-in (see :func:`draft_size`): let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale as long as both
+            sides stay >= ``draft`` pixels. Faster for large photos (bench/RESULTS.md), but the pixels differ
+            slightly from a full decode followed by the same resize.
+
+    Returns:
+        The RGB image.
+
+    Example:
+        >>> load_rgb("tests/data/images/cat.png").mode  # doctest: +SKIP
+        'RGB'
     """
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the worker forever
         raise OSError("not a regular file (a FIFO, socket or device)")
@@ -312,6 +339,18 @@ def load_rgb(path: str, exif_transpose: bool = True, draft: int | None = None) -
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB (the conversion rules of :func:`load_rgb`).
+
+    Args:
+        img: the decoded image, in any mode.
+
+    Returns:
+        ``img`` itself when it is RGB already, else an RGB copy.
+
+    Example:
+        >>> to_rgb(Image.new("I;16", (2, 2), 65535)).getpixel((0, 0))
+        (255, 255, 255)
+    """
     mode = img.mode
     if mode == "RGB":
         return img
@@ -332,7 +371,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
 @dataclass
 class Batch:
     """A decoded batch: ``images`` (B, C, H, W) for the dataset rows ``indices``; ``failed`` lists
-    (index, reason) for images of this batch that could not be decoded."""
+    (index, reason) for images of this batch that could not be decoded.
+
+    Example:
+        >>> batch = next(iter_batches(paths, transform, batch_size=8))  # doctest: +SKIP
+        >>> batch.images.shape[0] + len(batch.failed) == len(batch.indices) + len(batch.failed)  # doctest: +SKIP
+    """
 
     images: torch.Tensor
     indices: list[int]
@@ -342,8 +386,19 @@ class Batch:
 
 
 def draft_size(transform: Any) -> int | None:
-    """The shorter-side size a transform resizes to first (what reduced JPEG decoding may keep),
-    or None when it cannot be read off the transform (then nothing is drafted)."""
+    """The shorter-side size a transform resizes to first (what reduced JPEG decoding may keep).
+
+    Args:
+        transform: a model's transform (torchvision ``Compose``/``Resize`` are read).
+
+    Returns:
+        The size, or None when it cannot be read off the transform (then nothing is drafted).
+
+    Example:
+        >>> from torchvision import transforms as T
+        >>> draft_size(T.Compose([T.Resize(256), T.CenterCrop(224)]))
+        256
+    """
     size = getattr(transform, "resize_size", None)  # torchvision's weight presets
     if size is None:
         from torchvision import transforms as T
@@ -398,7 +453,15 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
 
 
 def default_workers() -> int:
-    """One decode worker per spare core (decoding is ~10% of the cost; the model wants the rest)."""
+    """One decode worker per spare core, at most 8 (the model wants the rest of the machine).
+
+    Returns:
+        The number of worker processes ``workers=None`` means.
+
+    Example:
+        >>> default_workers() >= 0
+        True
+    """
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, n - 1))
 
@@ -416,8 +479,25 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Batches of ``paths[start:]``, decoded in ``workers`` processes, in order.
 
-    Batch ``k`` always holds ``paths[start + k*batch_size : start + (k+1)*batch_size]`` (minus
-    failures), so a resumed run that starts at a batch boundary sees the very same batches.
+    Batch ``k`` always holds ``paths[start + k*batch_size : start + (k+1)*batch_size]`` (minus failures), so a
+    resumed run that starts at a batch boundary sees the very same batches.
+
+    Args:
+        paths: the image files.
+        transform: one RGB image -> input tensor.
+        batch_size: images per batch.
+        start: the first row (a batch boundary when resuming).
+        workers: decode processes (None: :func:`default_workers`; 0: in this process).
+        pin_memory: pin the batches for faster copies to a GPU.
+        exif_transpose: apply EXIF orientation.
+        draft: see :func:`load_rgb`.
+
+    Yields:
+        :class:`Batch` objects, in order.
+
+    Example:
+        >>> for batch in iter_batches(paths, model.transform, 64, workers=0):  # doctest: +SKIP
+        ...     feats = model.module(batch.images)
     """
     dataset = _Decoded(paths, transform, exif_transpose, draft)
     indices = range(start, len(paths))
@@ -433,7 +513,6 @@ def iter_batches(
         # more only costs memory.
         prefetch_factor=2 if nw > 0 else None,
     )
-    import gc
 
     # Forked workers share the heap copy-on-write; frozen objects are never touched by their garbage
     # collector (~70 MB less per worker). Unfrozen as soon as the workers exist: the caller's own

@@ -2,7 +2,7 @@
 
 :func:`open_stimuli` looks at the path and returns the matching :class:`~layertap.data.ImageSet`:
 an image folder or list (:meth:`ImageSet.from_path`), a video / folder of videos / .txt list of
-videos (:class:`~layertap.video.VideoSet`), or an .npy / HDF5 array (:class:`~layertap.arrays.ArraySet`).
+videos (:class:`~layertap.data.video.VideoSet`), or an .npy / HDF5 array (:class:`~layertap.data.arrays.ArraySet`).
 """
 
 from __future__ import annotations
@@ -11,18 +11,30 @@ import os
 from pathlib import Path
 from typing import Any
 
-from layertap.data.images import ImageSet
+from layertap.data.arrays import ArraySet, split_array_path
+from layertap.data.images import IMAGE_EXTENSIONS, ImageSet
+from layertap.data.video import VIDEO_EXTENSIONS, VideoSet, is_video_path
 from layertap.errors import LayertapError
 
 
 def is_video_model(model: Any) -> bool:
-    """Whether a loaded model takes clips (its ``input_size`` is (C, T, H, W))."""
+    """Whether a loaded model takes clips.
+
+    Args:
+        model: a :class:`~layertap.models.LoadedModel` (or anything with an ``input_size``), or None.
+
+    Returns:
+        True when its ``input_size`` is (C, T, H, W).
+
+    Example:
+        >>> from layertap.models import load_model
+        >>> is_video_model(load_model("resnet18", "random"))
+        False
+    """
     return model is not None and len(getattr(model, "input_size", ())) == 4
 
 
 def _is_video_input(path: Path) -> bool:
-    from layertap.data.video import VIDEO_EXTENSIONS, is_video_path
-
     if path.is_file():
         if is_video_path(path):
             return True
@@ -32,8 +44,6 @@ def _is_video_input(path: Path) -> bool:
             return first.lower().endswith(VIDEO_EXTENSIONS)
         return False
     if path.is_dir():
-        from layertap.data.images import IMAGE_EXTENSIONS
-
         videos = False
         for q in path.rglob("*"):  # an image folder answers at its first image
             name = q.name.lower()
@@ -63,11 +73,20 @@ def open_stimuli(
             videos, ``stimuli.npy`` or ``stimuli.h5:dataset``.
         things: require THINGS layout (image folders only).
         model: the loaded model; a video model (input (C, T, H, W)) gets clips of frames.
-        fps, every, times, clip_len, clip_stride: video sampling (see :mod:`layertap.video`);
+        fps, every, times, clip_len, clip_stride: video sampling (see :mod:`layertap.data.video`);
             ``clip_len`` defaults to the video model's own clip length.
-        ids: row ids for a stimulus array (see :func:`layertap.arrays.read_ids`).
+        ids: row ids for a stimulus array (see :func:`layertap.data.arrays.read_ids`).
+
     Returns:
-        an ImageSet (a VideoSet or ArraySet for videos and arrays).
+        An :class:`~layertap.data.images.ImageSet` (a :class:`~layertap.data.video.VideoSet` or
+        :class:`~layertap.data.arrays.ArraySet` for videos and arrays).
+
+    Raises:
+        LayertapError: a missing path, or options that do not fit the stimuli or the model.
+
+    Example:
+        >>> frames = open_stimuli("movie.mp4", model=load_model("resnet18"), fps=2)  # doctest: +SKIP
+        >>> frames.row_fields(0)  # the frame shown at 0 s  # doctest: +SKIP
     """
     video_opts = {
         "--fps": fps,
@@ -77,7 +96,6 @@ def open_stimuli(
         "--clip-stride": clip_stride,
     }
     given = [k for k, v in video_opts.items() if v is not None]
-    from layertap.data.arrays import ArraySet, split_array_path
 
     if split_array_path(images) is not None:
         if given:
@@ -89,8 +107,6 @@ def open_stimuli(
         raise LayertapError("--ids names the rows of a stimulus array (.npy / .h5); image lists carry their own paths")
     path = Path(images)
     if path.exists() and _is_video_input(path):
-        from layertap.data.video import VideoSet
-
         video_model = is_video_model(model)
         if video_model and clip_len is None:
             clip_len = int(model.input_size[1])

@@ -27,6 +27,7 @@ end is dropped). Frames past the end of a video and unreadable videos are record
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import json
@@ -41,7 +42,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from layertap._optional import require
 from layertap.data.images import Batch, ImageSet, _collate, default_workers
 from layertap.errors import LayertapError
 
@@ -53,12 +56,22 @@ _SEEK_GAP = 64
 
 
 def _av() -> Any:
-    from layertap.models.registry import require
-
     return require("av", "video")
 
 
 def is_video_path(path: str | os.PathLike[str]) -> bool:
+    """Whether a path names a video file (by its extension).
+
+    Args:
+        path: the path.
+
+    Returns:
+        True for the extensions in ``VIDEO_EXTENSIONS`` (.mp4, .mkv, .mov, ...), any case.
+
+    Example:
+        >>> is_video_path("movie.MP4"), is_video_path("frame.png")
+        (True, False)
+    """
     return str(path).lower().endswith(VIDEO_EXTENSIONS)
 
 
@@ -66,9 +79,14 @@ def is_video_path(path: str | os.PathLike[str]) -> bool:
 class VideoInfo:
     """What demuxing one video found: each frame's presentation time, in display order.
 
-    ``pts[i]`` is frame i's timestamp in ``time_base`` units; ``times[i]`` the same in seconds
-    from the first frame (exact fractions); ``end`` when the last frame stops being shown.
-    ``error`` is why the video cannot be used (then it has no frames).
+    ``pts[i]`` is frame i's timestamp in ``time_base`` units; ``times[i]`` the same in seconds from the first frame
+    (exact fractions); ``end`` when the last frame stops being shown. ``error`` is why the video cannot be used
+    (then it has no frames).
+
+    Example:
+        >>> info = VideoInfo("clip.mp4", pts=[0, 1, 2, 3], time_base=Fraction(1, 2), end=Fraction(2))
+        >>> info.times[-1]
+        Fraction(3, 2)
     """
 
     path: str
@@ -111,8 +129,18 @@ class VideoInfo:
 def probe(path: str | os.PathLike[str]) -> VideoInfo:
     """Demux a video (no decoding) and list its frames' presentation timestamps.
 
-    A file that cannot be opened, has no video stream or no frames gives a VideoInfo with
-    ``error`` set; a file that becomes unreadable part-way keeps the frames before that point.
+    A file that cannot be opened, has no video stream or no frames gives a VideoInfo with ``error`` set; a file
+    that becomes unreadable part-way keeps the frames before that point.
+
+    Args:
+        path: the video file.
+
+    Returns:
+        Its frames' timestamps, size, codec (or the error).
+
+    Example:
+        >>> probe("movie.mp4").summary()["frames"]  # doctest: +SKIP
+        1440
     """
     av = _av()
     info = VideoInfo(path=str(path))
@@ -148,7 +176,7 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
             return info
         stamps.sort()
         info.pts = [ts for ts, _ in stamps]
-        last_dur = stamps[-1][1]
+        last_dur: float = stamps[-1][1]
         if not last_dur:  # no packet duration: the mean frame interval
             last_dur = (info.pts[-1] - info.pts[0]) / max(1, len(info.pts) - 1) if len(info.pts) > 1 else 1
         info.end = Fraction(info.pts[-1] - info.pts[0]) * info.time_base + Fraction(last_dur) * info.time_base
@@ -165,18 +193,43 @@ def _as_fraction(value: float | str | Fraction) -> Fraction:
 
 
 def shown_at(times: Sequence[Fraction], t: Fraction, end: Fraction) -> int | None:
-    """Index of the frame shown at time ``t`` (the last frame starting at or before it), or None
-    when ``t`` is before the first frame or at/after the end of the video."""
+    """Index of the frame shown at time ``t`` (the last frame starting at or before it).
+
+    Args:
+        times: the frames' start times (seconds from the first frame, ascending).
+        t: the time.
+        end: when the last frame stops being shown.
+
+    Returns:
+        The frame index, or None when ``t`` is before the first frame or at/after the end of the video.
+
+    Example:
+        >>> times = [Fraction(0), Fraction(1, 2), Fraction(1), Fraction(3, 2)]
+        >>> shown_at(times, Fraction(3, 4), end=Fraction(2)), shown_at(times, Fraction(2), end=Fraction(2))
+        (1, None)
+    """
     if t < 0 or t >= end:
         return None
-    import bisect
 
     return bisect.bisect_right(times, t) - 1
 
 
 def frame_grid(info: VideoInfo, fps: float | None = None, every: int | None = None) -> list[tuple[int, Fraction]]:
-    """The sampled frames of a video as (frame index, sample time): every ``every``-th frame,
-    or the frame shown at each multiple of 1/``fps`` seconds; default every frame."""
+    """The sampled frames of a video as (frame index, sample time).
+
+    Args:
+        info: the probed video.
+        fps: sample the frame shown at each multiple of 1/``fps`` seconds.
+        every: take every ``every``-th frame (not with ``fps``). Default: every frame.
+
+    Returns:
+        (frame index, time it was sampled at) pairs, in time order.
+
+    Example:
+        >>> info = VideoInfo("clip.mp4", pts=[0, 1, 2, 3], time_base=Fraction(1, 2), end=Fraction(2))
+        >>> frame_grid(info, fps=1)
+        [(0, Fraction(0, 1)), (2, Fraction(1, 1))]
+    """
     times = info.times
     if fps is not None:
         step = 1 / _as_fraction(fps)
@@ -191,8 +244,22 @@ def frame_grid(info: VideoInfo, fps: float | None = None, every: int | None = No
 
 
 def read_times(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """A times table: .tsv/.csv with a ``time`` (or ``onset``/``start``) column in seconds and
-    optional ``video`` and ``id`` columns, or a .txt with one time per line."""
+    """A times table: when to sample videos.
+
+    Args:
+        path: a .tsv/.csv with a ``time`` (or ``onset``/``start``) column in seconds and optional ``video`` and
+            ``id`` columns, or a .txt with one time per line.
+
+    Returns:
+        One dict per row (``time``, ``video``, ``id``; None where the table has no such column), in table order.
+
+    Raises:
+        LayertapError: a missing or empty file, no time column, or a time that cannot be read.
+
+    Example:
+        >>> read_times("onsets.tsv")[0]  # doctest: +SKIP
+        {'time': Fraction(3, 2), 'video': 'run1.mp4', 'id': 'face_01'}
+    """
     p = Path(path)
     if not p.is_file():
         raise LayertapError(f"times file not found: {p}")
@@ -235,8 +302,21 @@ def _parse_time(text: str, path: Path, line: int) -> Fraction:
 
 
 def find_videos(path: str | os.PathLike[str]) -> tuple[list[str], str]:
-    """A video file, a folder of videos (sorted relative paths, subfolders included) or a
-    .txt list of videos, as (absolute paths, root)."""
+    """The videos at ``path``.
+
+    Args:
+        path: a video file, a folder of videos (sorted relative paths, subfolders included) or a .txt list.
+
+    Returns:
+        (absolute paths, root).
+
+    Raises:
+        LayertapError: nothing there, or no videos.
+
+    Example:
+        >>> find_videos("movies/")  # doctest: +SKIP
+        (['/data/movies/a.mp4', '/data/movies/b.mp4'], '/data/movies')
+    """
     p = Path(path)
     if not p.exists():
         raise LayertapError(f"video path not found: {p}")
@@ -264,10 +344,13 @@ def find_videos(path: str | os.PathLike[str]) -> tuple[list[str], str]:
 class VideoSet(ImageSet):
     """Rows that are frames (``clip_len`` 1, image models) or clips of frames (video models).
 
-    ``paths[i]`` is row i's video; ``frames[i]`` its frame indices (None: a recorded skip, with
-    ``reasons[i]``); ``sample_times[i]`` the time it was sampled at (fps/times sampling).
-    ``clip_mode`` rows go to a video model's transform as (T, C, H, W) uint8 tensors; otherwise
-    each row is one RGB ``PIL.Image``.
+    ``paths[i]`` is row i's video; ``frames[i]`` its frame indices (None: a recorded skip, with ``reasons[i]``);
+    ``sample_times[i]`` the time it was sampled at (fps/times sampling). ``clip_mode`` rows go to a video model's
+    transform as (T, C, H, W) uint8 tensors; otherwise each row is one RGB ``PIL.Image``.
+
+    Example:
+        >>> frames = open_stimuli("movie.mp4", model=load_model("resnet18"), fps=2)  # doctest: +SKIP
+        >>> len(frames), frames.row_fields(0)  # doctest: +SKIP
     """
 
     frames: list[tuple[int, ...] | None] = field(default_factory=list)
@@ -343,9 +426,10 @@ class VideoSet(ImageSet):
                         raise LayertapError(f"{times}: several videos, so the table needs a 'video' column")
                     video = paths[0]
                 else:
-                    video = by_name.get(row["video"]) or by_name.get(Path(row["video"]).name)
-                    if video is None:
+                    found = by_name.get(row["video"]) or by_name.get(Path(row["video"]).name)
+                    if found is None:
                         raise LayertapError(f"{times}: video '{row['video']}' is not among the videos in {path}")
+                    video = found
                 info = infos[video]
                 frames, reason = _frames_from(info, row["time"], T, fps, every)
                 add(video, frames, row["time"], reason, row["id"])
@@ -463,6 +547,15 @@ def _frames_from(
 
 
 def decoder_description() -> str:
+    """The decoder, as manifests record it (PyAV and its libavcodec version).
+
+    Returns:
+        One line, e.g. ``PyAV 12.3.0 (libavcodec 61.3.100), frames converted to rgb24 by FFmpeg's swscale``.
+
+    Example:
+        >>> decoder_description().startswith("PyAV")
+        True
+    """
     try:
         import av
 
@@ -511,7 +604,7 @@ class _DecodedVideo(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.v)
 
-    def __getitem__(self, rows: list[int]) -> list[tuple[int, torch.Tensor | None, str | None]]:  # type: ignore[override]
+    def __getitem__(self, rows: list[int]) -> list[tuple[int, torch.Tensor | None, str | None]]:
         results: dict[int, tuple[int, torch.Tensor | None, str | None]] = {}
         by_video: dict[str, list[int]] = {}
         for i in rows:
@@ -551,7 +644,6 @@ class _DecodedVideo(torch.utils.data.Dataset):
                     return i, None, "the frames of this clip differ in size (the video changes resolution)"
                 clip = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # (T, C, H, W) uint8
                 return i, self.transform(clip), None
-            from PIL import Image
 
             return i, self.transform(Image.fromarray(frames[0], "RGB")), None
         except Exception as err:  # noqa: BLE001 - a transform failure is this row's skip reason
@@ -606,6 +698,7 @@ class _DecodedVideo(torch.utils.data.Dataset):
             if k > target:  # the wanted frame never came: the caller records the rest as skips
                 return
             yield k, frame.to_ndarray(format="rgb24")
-            target = next(todo, None)
-            if target is None:
+            following = next(todo, None)
+            if following is None:
                 return
+            target = following

@@ -36,6 +36,8 @@ import warnings
 
 import numpy as np
 
+from layertap.analysis.compare import compare_rdms, rank_average
+from layertap.analysis.rdms import upper_triangle
 from layertap.errors import LayertapError
 
 CEILINGS = ("split-half", "ncsnr")
@@ -75,6 +77,13 @@ def split_half_reliability(repeats: np.ndarray, n_splits: int = 100, seed: int =
         (targets,) rho of the mean over each stimulus's repetitions. With an equal, even number of
         repetitions this is Spearman-Brown's 2 r / (1 + r), r the split-half correlation averaged over
         splits; otherwise the step-up of :func:`_step_up` (exact for odd and unequal counts).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> signal = rng.normal(size=(1, 40, 3))
+        >>> rho = split_half_reliability(signal + 0.5 * rng.normal(size=(6, 40, 3)))
+        >>> bool((rho > 0.8).all())
+        True
     """
     rep = _check_repeats(repeats)
     avail = np.any(~np.isnan(rep), axis=2)  # (R, S): repetition r of stimulus s exists
@@ -134,6 +143,12 @@ def ncsnr(repeats: np.ndarray) -> np.ndarray:
 
     Returns:
         (targets,) ncsnr (0 where the signal variance estimate is not positive).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> trials = rng.normal(size=(1, 50, 2)) + 0.5 * rng.normal(size=(3, 50, 2))
+        >>> ncsnr(trials).shape
+        (2,)
     """
     rep = _check_repeats(repeats)
     counts = np.sum(~np.isnan(rep), axis=0)  # (S, T)
@@ -155,6 +170,13 @@ def nsd_noise_ceiling(repeats: np.ndarray) -> np.ndarray:
 
     Returns:
         (targets,) NC in percent of the variance of the trial-averaged response.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> trials = rng.normal(size=(1, 50, 2)) + 0.5 * rng.normal(size=(3, 50, 2))
+        >>> nc = nsd_noise_ceiling(trials)
+        >>> bool(((nc > 0) & (nc < 100)).all())
+        True
     """
     rep = _check_repeats(repeats)
     snr2 = ncsnr(rep) ** 2
@@ -174,6 +196,12 @@ def reliability(repeats: np.ndarray, method: str = "split-half", n_splits: int =
 
     Returns:
         (targets,) rho; the ceiling of R^2 is rho, that of Pearson r is sqrt(rho).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> trials = rng.normal(size=(1, 40, 2)) + 0.3 * rng.normal(size=(4, 40, 2))
+        >>> reliability(trials, "split-half").shape
+        (2,)
     """
     if method == "split-half":
         return split_half_reliability(repeats, n_splits, seed)
@@ -195,14 +223,16 @@ def pool_rdms(vectors: np.ndarray, method: str) -> np.ndarray:
 
     Returns:
         (pairs,) pooled upper triangle.
+
+    Example:
+        >>> pool_rdms(np.array([[1.0, 2.0, 3.0], [1.0, 3.0, 2.0]]), "spearman").tolist()
+        [1.0, 2.5, 2.5]
     """
     v = np.asarray(vectors, dtype=np.float64)
     if method == "pearson":
         v = v - v.mean(1, keepdims=True)
         v = v / v.std(1, keepdims=True)
     elif method in ("spearman", "kendall_tau_a"):
-        from layertap.analysis.similarity import rank_average
-
         v = np.stack([rank_average(x) for x in v])
     elif method == "cosine":
         v = v / np.sqrt(np.mean(v**2, axis=1, keepdims=True))
@@ -214,8 +244,6 @@ def pool_rdms(vectors: np.ndarray, method: str) -> np.ndarray:
 def _compare(a: np.ndarray, b: np.ndarray, method: str) -> float:
     if method == "cosine":
         return float(a @ b / np.sqrt((a @ a) * (b @ b)))
-    from layertap.analysis.similarity import compare_rdms
-
     return float(compare_rdms(a, b, method))
 
 
@@ -229,11 +257,16 @@ def rdm_noise_ceiling(subject_rdms: np.ndarray, method: str = "spearman") -> tup
     Returns:
         ``(lower, upper)``: mean over subjects of the similarity of each subject's RDM with the pooled
         RDM of the other subjects (lower) and of all subjects (upper).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> shared = rng.random(45)
+        >>> lower, upper = rdm_noise_ceiling(shared + 0.1 * rng.random((5, 45)), "spearman")
+        >>> bool(0 < lower < upper <= 1)
+        True
     """
     v = np.asarray(subject_rdms, dtype=np.float64)
     if v.ndim == 3:
-        from layertap.analysis.similarity import upper_triangle
-
         v = np.stack([upper_triangle(m) for m in v])
     if v.ndim != 2 or v.shape[0] < 2:
         raise LayertapError(f"a noise ceiling needs the RDMs of at least 2 subjects, got shape {v.shape}")

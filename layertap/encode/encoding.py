@@ -12,6 +12,7 @@ stimuli (features or responses) enters the fit.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata as md
 import logging
 import os
 import platform
@@ -21,12 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from layertap._optional import require
+from layertap.analysis.similarity import select_layers
 from layertap.encode.ceiling import CEILINGS, reliability
 from layertap.encode.responses import Responses, match_ids, prepare_responses, read_labels
 from layertap.encode.ridge import BACKENDS, choose_solver, fit_predict, himalaya_backend, parse_alphas
+from layertap.encode.scores import EncodingScores
 from layertap.errors import LayertapError
 from layertap.hashing import file_sha256
+from layertap.process.projection import SparseRandomProjection
+from layertap.store.blocks import rows_for_bytes
+from layertap.store.run import Run, open_complete_run
 
 log = logging.getLogger("layertap")
 
@@ -38,8 +46,21 @@ BLOCK_BYTES = 512 << 20
 
 
 
-def _read_rows(arr: Any, rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Rows ``rows`` of a LayerArray (or array), flattened to (len(rows), features), read chunk by chunk."""
+def read_rows(arr: Any, rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Rows ``rows`` (any order, repeats allowed) of a LayerArray or array, flattened, read chunk by chunk.
+
+    Args:
+        arr: a LayerArray (read one chunk at a time, never whole) or a numpy array (N, ...).
+        rows: the row indices wanted.
+        dtype: the output dtype.
+
+    Returns:
+        (len(rows), features) in ``dtype``, in the order of ``rows``.
+
+    Example:
+        >>> read_rows(np.arange(12.0).reshape(4, 3), np.array([2, 0]), np.dtype(np.float32)).tolist()
+        [[6.0, 7.0, 8.0], [0.0, 1.0, 2.0]]
+    """
     if isinstance(arr, np.ndarray):
         return arr[rows].reshape(len(rows), -1).astype(dtype, copy=False)
     order = np.argsort(rows, kind="stable")
@@ -54,7 +75,19 @@ def _read_rows(arr: Any, rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def pearson_columns(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson r of matching columns (NaN where either column is constant)."""
+    """Pearson r of matching columns (NaN where either column is constant).
+
+    Args:
+        pred: (stimuli, targets) predictions.
+        y: (stimuli, targets) responses.
+
+    Returns:
+        (targets,) r.
+
+    Example:
+        >>> pearson_columns(np.array([[1.0], [2.0], [3.0]]), np.array([[2.0], [4.0], [7.0]])).round(4).tolist()
+        [0.9934]
+    """
     pc = pred - pred.mean(0)
     yc = y - y.mean(0)
     with np.errstate(all="ignore"):
@@ -66,6 +99,17 @@ def r2_columns(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
 
     As scikit-learn's ``r2_score(multioutput="raw_values")``, including a column constant in this fold
     (SS_tot = 0): 1 for a perfect prediction, else 0 (not -inf, which would sink the mean over folds).
+
+    Args:
+        pred: (stimuli, targets) predictions.
+        y: (stimuli, targets) responses.
+
+    Returns:
+        (targets,) R^2.
+
+    Example:
+        >>> r2_columns(np.array([[1.0], [2.0], [3.0]]), np.array([[1.0], [2.0], [4.0]])).round(4).tolist()
+        [0.7857]
     """
     ss_res = ((y - pred) ** 2).sum(0)
     ss_tot = ((y - y.mean(0)) ** 2).sum(0)
@@ -77,7 +121,24 @@ def r2_columns(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
 def outer_splits(
     resp: Responses, images: Sequence[str], folds: int, test_split: Any, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train, test) positions into the response stimuli: K-fold (shuffled with ``seed``) or a given test set."""
+    """The outer (train, test) splits: K-fold (shuffled with ``seed``) or a given test set.
+
+    Args:
+        resp: the matched responses.
+        images: the run's image ids (to match a test split given by id).
+        folds: K (>= 2) when ``test_split`` is None.
+        test_split: the test stimuli' ids (a sequence, or a .txt/.tsv/.csv file of ids), or None.
+        seed: the shuffling seed.
+
+    Returns:
+        ``[(train, test)]`` positions into the response stimuli.
+
+    Raises:
+        LayertapError: too few stimuli for the folds, or a split with fewer than 2 stimuli on a side.
+
+    Example:
+        >>> splits = outer_splits(resp, run.images, 5, None, seed=0)  # doctest: +SKIP
+    """
     n = len(resp.ids)
     if test_split is not None:
         test_ids = read_labels(test_split, ("stimulus", "stimulus_id", "id", "image", "test"), None, "test ids")
@@ -100,9 +161,8 @@ def outer_splits(
         raise LayertapError(f"folds must be at least 2, got {folds}")
     if n < 2 * folds:
         raise LayertapError(f"{n} stimuli are too few for {folds} folds (need at least 2 per fold): use fewer --folds")
-    from sklearn.model_selection import KFold
-
-    return list(KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.arange(n)))
+    model_selection = require("sklearn.model_selection", "encode", "encoding models")
+    return list(model_selection.KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.arange(n)))
 
 
 def _standardise(x: np.ndarray, train: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -119,7 +179,21 @@ def _standardise(x: np.ndarray, train: np.ndarray, dtype: np.dtype) -> np.ndarra
 
 
 def parse_reduce(spec: str | None) -> tuple[str, int, int] | None:
-    """``"pca:K"`` or ``"srp:K[:SEED]"`` -> (kind, K, seed); None -> None."""
+    """A feature reduction spec, fitted per fold on the training stimuli.
+
+    Args:
+        spec: ``"pca:K"`` or ``"srp:K[:SEED]"``, or None.
+
+    Returns:
+        ``(kind, K, seed)``, or None.
+
+    Raises:
+        LayertapError: a malformed spec.
+
+    Example:
+        >>> parse_reduce("srp:256:3"), parse_reduce(None)
+        (('srp', 256, 3), None)
+    """
     if spec is None:
         return None
     parts = str(spec).split(":")
@@ -136,16 +210,12 @@ def parse_reduce(spec: str | None) -> tuple[str, int, int] | None:
 def _reduce(xs: np.ndarray, train: np.ndarray, how: tuple[str, int, int], seed: int) -> np.ndarray:
     kind, k, rseed = how
     if kind == "pca":
-        from sklearn.decomposition import PCA
-
+        decomposition = require("sklearn.decomposition", "encode", f"reduce 'pca:{k}'")
         if k > min(len(train), xs.shape[1]):
             raise LayertapError(f"pca:{k} asks for more components than min(training stimuli, features) allows")
-        pca = PCA(n_components=k, random_state=seed).fit(xs[train])  # training stimuli only
+        pca = decomposition.PCA(n_components=k, random_state=seed).fit(xs[train])  # training stimuli only
         return pca.transform(xs).astype(xs.dtype, copy=False)
-    from scipy import sparse
-
-    from layertap.process.postprocess import SparseRandomProjection
-
+    sparse = require("scipy.sparse", "encode", f"reduce 'srp:{k}'")
     # layertap's SRP matrix (the one --reduce srp:K applies at extraction), applied in the working dtype
     unit, comp, value = SparseRandomProjection(k, seed=rseed).triplets(xs.shape[1])
     r = sparse.csr_matrix((value.astype(xs.dtype), (unit, comp)), shape=(xs.shape[1], k))
@@ -168,9 +238,9 @@ def _thread_limit(threads: int | None) -> Iterator[None]:
         return
     if threads < 1:
         raise LayertapError(f"threads must be at least 1, got {threads}")
-    import torch
-    from threadpoolctl import threadpool_limits
+    import torch  # torch only here: reading a run and fitting with numpy never imports it
 
+    threadpool_limits = require("threadpoolctl", "encode", "limiting threads").threadpool_limits
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -181,8 +251,6 @@ def _thread_limit(threads: int | None) -> Iterator[None]:
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for pkg in ("layertap", "numpy", "himalaya", "scikit-learn", "scipy", "pandas", "torch"):
         try:
@@ -262,10 +330,11 @@ def encode(
 
     Returns:
         :class:`~layertap.encode.scores.EncodingScores`.
-    """
-    from layertap.analysis.similarity import _as_run, select_layers
-    from layertap.encode.scores import EncodingScores
 
+    Example:
+        >>> scores = encode("./acts", "betas.h5", stimuli="stimulus_ids.tsv", folds=5)  # doctest: +SKIP
+        >>> scores.best_layer(roi="V4")  # doctest: +SKIP
+    """
     # None = the default; an explicitly asked-for ceiling without repeats must not be dropped silently
     ceiling_asked = ceiling is not None
     ceiling = ceiling or "split-half"
@@ -283,20 +352,23 @@ def encode(
     if isinstance(run, Mapping):  # features computed elsewhere: {layer: (rows, ...) array}
         if images is None:
             raise LayertapError("with a {layer: array} mapping, give images=[one id per feature row]")
-        features = {str(k): v if hasattr(v, "iter_chunks") else np.asarray(v) for k, v in run.items()}
+        given = {str(k): v if hasattr(v, "iter_chunks") else np.asarray(v) for k, v in run.items()}
         image_ids = [str(i) for i in images]
-        bad = [k for k, v in features.items() if len(v) != len(image_ids)]
-        if bad:
-            raise LayertapError(f"layer '{bad[0]}' has {len(features[bad[0]])} rows but {len(image_ids)} images were given")
-        names = [n for n in features if layers is None or n in ([layers] if isinstance(layers, str) else layers)]
+        wrong = [k for k, v in given.items() if len(v) != len(image_ids)]
+        if wrong:
+            raise LayertapError(
+                f"layer '{wrong[0]}' has {len(given[wrong[0]])} rows but {len(image_ids)} images were given"
+            )
+        names = [n for n in given if layers is None or n in ([layers] if isinstance(layers, str) else layers)]
         if not names:
-            raise LayertapError(f"no layer named {layers} among {', '.join(features)}")
+            raise LayertapError(f"no layer named {layers} among {', '.join(given)}")
+        features: Mapping[str, Any] | Run = given
         run_record: dict[str, Any] = {"path": None, "model": "in-memory features"}
     else:
-        r = _as_run(run)
+        r = open_complete_run(run)
         names = select_layers(r, layers)
         features, image_ids = r, r.images
-        run_record = {"path": str(r.path.resolve()), "model": r.manifest.get("model")}
+        run_record = {"path": str(r.path.resolve()), "model": r.manifest.model}
     resp = prepare_responses(
         image_ids,
         responses,
@@ -342,8 +414,6 @@ def encode(
         rho = np.full(n_targets, np.nan)
         rho[vidx] = reliability(resp.repeats[:, :, vidx], ceiling, seed=seed)
 
-    from tqdm.auto import tqdm
-
     results: dict[str, dict[str, np.ndarray]] = {}
     predictions: dict[str, np.ndarray] = {}
     layer_info: dict[str, Any] = {}
@@ -352,12 +422,12 @@ def encode(
         backend_used = str(hb.name)
         for name in names:
             t0 = time.perf_counter()
-            x = _read_rows(features[name], resp.rows, np_dtype)
+            x = read_rows(features[name], resp.rows, np_dtype)
             n_feat_in = x.shape[1]
             n_feat = how[1] if how else n_feat_in
             kind = choose_solver(solver, min_train, n_feat)
             width = max(n_feat, n_stim) if kind == "primal" else n_stim
-            block = target_block or max(1, min(len(vidx), BLOCK_BYTES // (width * np_dtype.itemsize * 4)))
+            block = target_block or rows_for_bytes(width * np_dtype.itemsize * 4, BLOCK_BYTES, n_rows=len(vidx), limit=None)
             blocks = [slice(s, s + block) for s in range(0, len(vidx), block)]
             r_sum = np.zeros(len(vidx))
             r2_sum = np.zeros(len(vidx))
@@ -457,7 +527,7 @@ def encode(
                           "reduce": reduce, "reduce_fitted_on": "training stimuli of each fold" if how else None},
         "ceiling": None if rho is None else {
             "method": ceiling,
-            "repetitions": int(resp.repeats.shape[0]),
+            "repetitions": 0 if resp.repeats is None else int(resp.repeats.shape[0]),
             "reference": "Spearman-Brown split-half (100 random splits; odd/unequal repetitions stepped up exactly)" if ceiling == "split-half"
             else "NCSNR, Allen et al. 2022 Nat Neurosci 25:116 (NC = 100 ncsnr^2 / (ncsnr^2 + 1/n))",
             "normalised": "r_norm = r / sqrt(rho), r2_norm = r2 / rho",

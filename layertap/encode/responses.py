@@ -10,7 +10,6 @@ file) or from the first, non-numeric column of a .csv/.tsv response file.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from layertap.analysis.matrices import load_array, read_table
 from layertap.errors import LayertapError
 
 log = logging.getLogger("layertap")
@@ -44,6 +44,10 @@ class Responses:
         dropped_stimuli: ids that were not found in the run and were dropped (``on_missing="drop"``).
         unused_images: run images without responses (not used).
         files: the files the responses, ids, repeats and ROIs were read from.
+
+    Example:
+        >>> resp = prepare_responses(run.images, "betas.npy", "stimulus_ids.txt")  # doctest: +SKIP
+        >>> resp.data.shape, resp.rows[:3]  # doctest: +SKIP
     """
 
     data: np.ndarray
@@ -60,132 +64,6 @@ class Responses:
 # -- reading files ---------------------------------------------------------------------------------
 
 
-def _is_num(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return s.strip().lower() in ("nan", "")
-
-
-def _read_table(path: Path) -> list[list[str]]:
-    delim = "\t" if path.suffix.lower() == ".tsv" else ","
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return [r for r in csv.reader(f, delimiter=delim) if r and any(c.strip() for c in r)]
-    except OSError as err:
-        raise LayertapError(f"cannot read {path} ({err.strerror})") from None
-
-
-def _table_matrix(path: Path) -> tuple[np.ndarray, list[str] | None]:
-    """A numeric .csv/.tsv; a header row is skipped; a non-numeric first column is the stimulus ids."""
-    rows = _read_table(path)
-    if not rows:
-        raise LayertapError(f"{path} is empty")
-    if not all(_is_num(c) for c in rows[0][1:] or rows[0]):
-        rows = rows[1:]
-    ids = None
-    if rows and not all(_is_num(r[0]) for r in rows):
-        ids = [r[0].strip() for r in rows]
-        rows = [r[1:] for r in rows]
-    try:
-        return np.array([[float(c) if c.strip() else np.nan for c in r] for r in rows], dtype=np.float64), ids
-    except ValueError as err:
-        raise LayertapError(f"{path} is not a numeric table of responses ({err})") from None
-
-
-def _h5_array(path: Path, key: str | None) -> np.ndarray:
-    from layertap.analysis.similarity import require
-
-    h5py = require("h5py", "encode", "reading .h5 / MATLAB v7.3 files")
-    try:
-        with h5py.File(path, "r") as f:
-            found: list[str] = []
-            f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
-            numeric = [n for n in found if np.issubdtype(f[n].dtype, np.number) and f[n].ndim >= 1]
-            if key is not None:
-                if key not in f or not isinstance(f[key], h5py.Dataset):
-                    raise LayertapError(f"{path} has no dataset '{key}' (it has: {', '.join(numeric) or 'none'})")
-                name = key
-            elif len(numeric) == 1:
-                name = numeric[0]
-            else:
-                raise LayertapError(
-                    f"{path} holds {len(numeric)} numeric datasets ({', '.join(numeric) or 'none'}); "
-                    "name one with --key / key="
-                )
-            arr = np.asarray(f[name][()])
-            # MATLAB v7.3 writes arrays column-major: reverse the axes to get MATLAB's shape back.
-            if path.suffix.lower() == ".mat":
-                arr = arr.T
-            return arr
-    except OSError as err:
-        raise LayertapError(f"cannot read {path} as HDF5 ({err})") from None
-
-
-def _mat_array(path: Path, key: str | None) -> np.ndarray:
-    from layertap.analysis.similarity import require
-
-    sio = require("scipy.io", "encode", "reading .mat files")
-    try:
-        data = sio.loadmat(path)
-    except NotImplementedError:  # v7.3 is HDF5
-        return _h5_array(path, key)
-    except (ValueError, OSError) as err:
-        raise LayertapError(f"cannot read {path} as a .mat file ({err})") from None
-    arrays = {
-        k: v
-        for k, v in data.items()
-        if not k.startswith("__") and isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.number)
-    }
-    if key is not None:
-        if key not in arrays:
-            raise LayertapError(f"{path} has no numeric variable '{key}' (it has: {', '.join(arrays) or 'none'})")
-        return arrays[key]
-    if len(arrays) != 1:
-        raise LayertapError(
-            f"{path} holds {len(arrays)} numeric variables ({', '.join(arrays) or 'none'}); name one with --key / key="
-        )
-    return next(iter(arrays.values()))
-
-
-def load_array(source: Any, key: str | None = None) -> tuple[np.ndarray, list[str] | None]:
-    """A numeric array (any number of axes) and, for tables, the stimulus ids in its first column.
-
-    Args:
-        source: an array, or a path to .npy, .h5/.hdf5 (dataset ``key``), .mat (variable ``key``;
-            v7.3 files are read with h5py), .csv or .tsv.
-        key: dataset/variable name where the file holds several.
-
-    Returns:
-        ``(array as float64, ids or None)``.
-    """
-    ids = None
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise LayertapError(f"file {path} does not exist")
-        suffix = path.suffix.lower()
-        if suffix == ".npy":
-            try:
-                arr = np.load(path, allow_pickle=False)
-            except ValueError as err:
-                raise LayertapError(f"cannot read {path} as a numeric .npy file ({err})") from None
-        elif suffix in (".h5", ".hdf5", ".hdf"):
-            arr = _h5_array(path, key)
-        elif suffix == ".mat":
-            arr = _mat_array(path, key)
-        elif suffix in (".csv", ".tsv", ".txt"):
-            arr, ids = _table_matrix(path)
-        else:
-            raise LayertapError(f"{path}: unsupported file type '{suffix}'; use .npy, .h5, .mat, .csv or .tsv")
-    else:
-        arr = np.asarray(source)
-    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise LayertapError(f"responses must be real numbers, got dtype {arr.dtype}")
-    return arr.astype(np.float64, copy=False), ids
-
-
 def read_labels(source: Any, columns: Sequence[str], column: str | None = None, what: str = "ids") -> list[str]:
     """One label per line of a .txt, a column of a .tsv/.csv (with a header naming it), or a sequence.
 
@@ -197,6 +75,10 @@ def read_labels(source: Any, columns: Sequence[str], column: str | None = None, 
 
     Returns:
         The labels as stripped strings.
+
+    Example:
+        >>> read_labels(["a.jpg ", "b.jpg"], ID_COLUMNS)
+        ['a.jpg', 'b.jpg']
     """
     if not isinstance(source, (str, os.PathLike)):
         if isinstance(source, np.ndarray) and source.ndim != 1:
@@ -212,7 +94,7 @@ def read_labels(source: Any, columns: Sequence[str], column: str | None = None, 
             return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         except OSError as err:
             raise LayertapError(f"cannot read {path} ({err.strerror})") from None
-    rows = _read_table(path)
+    rows = read_table(path)
     if not rows:
         raise LayertapError(f"{path} is empty")
     header = [c.strip().lower() for c in rows[0]]
@@ -244,7 +126,18 @@ def _norm(s: str) -> str:
 
 
 def image_keys(images: Sequence[str]) -> list[dict[str, list[int]]]:
-    """Lookup tables, most specific first: relative path, path without suffix, file name, file stem."""
+    """Lookup tables from id to run rows, most specific first: relative path, path without suffix, file name, file stem.
+
+    Args:
+        images: the run's image paths (relative to its image root).
+
+    Returns:
+        Four ``{key: [rows]}`` tables.
+
+    Example:
+        >>> image_keys(["cat/img01.jpg"])[3]
+        {'img01': [0]}
+    """
     tables: list[dict[str, list[int]]] = [{}, {}, {}, {}]
     for i, img in enumerate(images):
         p = PurePosixPath(_norm(img))
@@ -264,6 +157,11 @@ def match_ids(ids: Sequence[str], images: Sequence[str]) -> tuple[np.ndarray, li
         ``(rows, missing)``: rows[i] is the run row of ids[i] (-1 where not found); ``missing`` are
         the positions of ids not found. An id that names several images (two folders holding
         ``img01.jpg``) raises a :class:`LayertapError`.
+
+    Example:
+        >>> rows, missing = match_ids(["img02", "cat/img01.jpg", "dog"], ["cat/img01.jpg", "cat/img02.jpg"])
+        >>> rows.tolist(), missing
+        ([1, 0, -1], [2])
     """
     tables = image_keys(images)
     rows = np.full(len(ids), -1, dtype=np.int64)
@@ -341,6 +239,9 @@ def prepare_responses(
 
     Returns:
         A :class:`Responses`.
+
+    Example:
+        >>> resp = prepare_responses(run.images, "betas.h5", "stimulus_ids.tsv", key="betas", rois="rois.txt")  # doctest: +SKIP
     """
     if on_missing not in ("error", "drop"):
         raise LayertapError(f"on_missing must be 'error' or 'drop', not {on_missing!r}")
@@ -390,7 +291,7 @@ def prepare_responses(
     if arr.ndim == 3:
         rep = arr
     elif repeats is not None:
-        rep, _ = load_array(repeats, repeats_key)
+        rep, _ = load_array(repeats, repeats_key, what="repeats")
         if transpose and rep.ndim == 3:
             rep = rep.transpose(0, 2, 1)
         if rep.ndim != 3 or rep.shape[1:] != arr.shape:

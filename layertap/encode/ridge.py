@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from layertap._optional import require
 from layertap.errors import LayertapError
 
 SOLVERS = ("auto", "primal", "dual")
@@ -37,6 +38,10 @@ def parse_alphas(spec: str | Sequence[float] | np.ndarray | None) -> np.ndarray:
 
     Returns:
         Sorted, positive float64 alphas.
+
+    Example:
+        >>> parse_alphas("1:100:3").tolist()
+        [1.0, 10.0, 100.0]
     """
     spec = DEFAULT_ALPHAS if spec is None else spec
     if isinstance(spec, str):
@@ -59,8 +64,6 @@ def parse_alphas(spec: str | Sequence[float] | np.ndarray | None) -> np.ndarray:
 
 
 def _himalaya() -> Any:
-    from layertap.analysis.similarity import require
-
     return require("himalaya", "encode", "encoding models")
 
 
@@ -70,6 +73,21 @@ def himalaya_backend(name: str) -> Iterator[Any]:
 
     ``"auto"`` is ``"torch_cuda"`` when CUDA is available, else ``"numpy"`` (on the 2-core development
     CPU, himalaya's torch CPU backend was slower than numpy with single-threaded BLAS; bench/encode.py).
+
+    Args:
+        name: one of :data:`BACKENDS`.
+
+    Returns:
+        A context manager giving the himalaya backend module.
+
+    Raises:
+        LayertapError: an unknown backend, or one that cannot be used here (no torch/CUDA).
+        MissingDependencyError: himalaya is not installed.
+
+    Example:
+        >>> with himalaya_backend("numpy") as backend:  # doctest: +SKIP
+        ...     backend.name
+        'numpy'
     """
     if name not in BACKENDS:
         raise LayertapError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")
@@ -92,7 +110,23 @@ def himalaya_backend(name: str) -> Iterator[Any]:
 
 
 def choose_solver(solver: str, n_train: int, n_features: int) -> str:
-    """``"primal"`` or ``"dual"``: ``"auto"`` takes the dual when features outnumber training stimuli."""
+    """The ridge solver: primal (features x features) or dual (stimuli x stimuli).
+
+    Args:
+        solver: ``"auto"``, ``"primal"`` or ``"dual"``.
+        n_train: training stimuli.
+        n_features: features.
+
+    Returns:
+        ``"primal"`` or ``"dual"``: ``"auto"`` takes the dual when features outnumber training stimuli.
+
+    Raises:
+        LayertapError: an unknown solver.
+
+    Example:
+        >>> choose_solver("auto", 100, 4096)
+        'dual'
+    """
     if solver not in SOLVERS:
         raise LayertapError(f"unknown solver '{solver}'; choose one of {', '.join(SOLVERS)}")
     if solver == "auto":
@@ -101,10 +135,23 @@ def choose_solver(solver: str, n_train: int, n_features: int) -> str:
 
 
 def inner_splitter(n_folds: int, seed: int) -> Any:
-    """The inner K-fold over training stimuli (shuffled with ``seed``) that chooses each alpha."""
-    from sklearn.model_selection import KFold
+    """The inner K-fold over training stimuli (shuffled with ``seed``) that chooses each alpha.
 
-    return KFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    Args:
+        n_folds: K.
+        seed: the shuffling seed.
+
+    Returns:
+        A scikit-learn ``KFold``.
+
+    Raises:
+        MissingDependencyError: scikit-learn is not installed.
+
+    Example:
+        >>> inner_splitter(5, seed=0).get_n_splits()
+        5
+    """
+    return require("sklearn.model_selection", "encode", "encoding models").KFold(n_splits=n_folds, shuffle=True, random_state=seed)
 
 
 def fit_predict(
@@ -136,6 +183,10 @@ def fit_predict(
 
     Returns:
         ``(predictions (n_test, targets) numpy, alphas chosen (targets,), solver used)``.
+
+    Example:
+        >>> with himalaya_backend("numpy"):  # doctest: +SKIP
+        ...     pred, alphas, solver = fit_predict(x_train, y_train, x_test, parse_alphas(None), inner_folds=5, seed=0)
     """
     _himalaya()
     from himalaya.backend import get_backend

@@ -7,15 +7,21 @@ scores above the lower bound is as good as the subjects' mean RDM predicts a lef
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from layertap.analysis.compare import compare_rdms
+from layertap.analysis.matrices import load_array, load_matrix
+from layertap.analysis.rdms import is_rdm, rdm, upper_triangle
+from layertap.analysis.similarity import parse_method, select_layers
 from layertap.encode.ceiling import rdm_noise_ceiling
+from layertap.encode.encoding import read_rows
+from layertap.encode.responses import match_ids, read_labels
 from layertap.errors import LayertapError
+from layertap.store.run import open_complete_run
 
 
 def load_subject_rdms(sources: Sequence[Any] | Any, key: str | None = None) -> np.ndarray:
@@ -28,14 +34,20 @@ def load_subject_rdms(sources: Sequence[Any] | Any, key: str | None = None) -> n
 
     Returns:
         (subjects, N, N) float64.
-    """
-    from layertap.analysis.similarity import is_rdm, load_matrix
-    from layertap.encode.responses import load_array
 
+    Example:
+        >>> subs = load_subject_rdms(["sub-01.npy", "sub-02.npy"])  # doctest: +SKIP
+        >>> subs.shape  # doctest: +SKIP
+        (2, 92, 92)
+    """
     items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     mats: list[np.ndarray] = []
     for item in items:
-        arr, _ = load_array(item, key) if isinstance(item, (str, os.PathLike)) else (np.asarray(item, float), None)
+        arr, _ = (
+            load_array(item, key, what="subject RDMs")
+            if isinstance(item, (str, os.PathLike))
+            else (np.asarray(item, float), None)
+        )
         if arr.ndim == 3:
             mats.extend(arr)
         else:
@@ -73,15 +85,14 @@ def compare_to_subjects(
 
     Returns:
         ``({layer: (subjects,) similarities}, (lower, upper))``.
-    """
-    from layertap.analysis.similarity import _as_run, _parse_method, compare_rdms, rdm, select_layers, upper_triangle
-    from layertap.encode.encoding import _read_rows
-    from layertap.encode.responses import match_ids, read_labels
 
-    kind, what, _ = _parse_method(method)
+    Example:
+        >>> scores, (lower, upper) = compare_to_subjects("./acts", ["sub-01.npy", "sub-02.npy"])  # doctest: +SKIP
+    """
+    kind, what, _ = parse_method(method)
     if kind != "rdm":
         raise LayertapError(f"subject RDMs are compared with an rdm-* method, not {method}")
-    r = _as_run(run)
+    r = open_complete_run(run)
     subs = load_subject_rdms(subject_rdms, key)
     n = subs.shape[1]
     if stimuli is None:
@@ -103,48 +114,8 @@ def compare_to_subjects(
     ceiling = rdm_noise_ceiling(vecs, what)
     out: dict[str, np.ndarray] = {}
     for layer in select_layers(r, layers):
-        data = r[layer] if rows is None else _read_rows(r[layer], rows, np.dtype(np.float64))
+        data = r[layer] if rows is None else read_rows(r[layer], rows, np.dtype(np.float64))
         model = upper_triangle(rdm(data, metric))[common]
         out[layer] = np.array([compare_rdms(model, v, what) for v in vecs])
     return out, ceiling
 
-
-def cmd_compare_subjects(args: argparse.Namespace) -> None:
-    """``layertap compare RUN --subject-rdms ...``: per layer the mean over subjects, and the ceiling."""
-    from pathlib import Path
-
-    scores, (lower, upper) = compare_to_subjects(
-        args.run, args.subject_rdms, args.layers, args.method, args.metric, getattr(args, "stimuli", None), args.key
-    )
-    width = max(len(n) for n in scores)
-    n_sub = len(next(iter(scores.values())))
-    print(f"{'layer':<{width}}  mean over {n_sub} subjects  (sem)")
-    for layer, v in scores.items():
-        print(f"{layer:<{width}}  {v.mean(): .4f}  ({v.std(ddof=1) / np.sqrt(len(v)):.4f})")
-    print(f"noise ceiling ({args.method}): lower {lower:.4f}, upper {upper:.4f}")
-    if args.out:
-        from layertap.cli.analysis import _write_csv
-
-        header = ["layer", "mean", "sem", *[f"subject{i}" for i in range(n_sub)], "ceiling_lower", "ceiling_upper"]
-        rows = [[k, repr(float(v.mean())), repr(float(v.std(ddof=1) / np.sqrt(len(v)))), *map(repr, map(float, v)),
-                 repr(lower), repr(upper)] for k, v in scores.items()]
-        _write_csv(Path(args.out), header, rows)
-        print(f"table -> {args.out}")
-    if args.plot:
-        from layertap.analysis.plots import _figure, _save
-
-        names = list(scores)
-        fig = _figure((max(4.5, 0.55 * len(names) + 2.5), 3.4))
-        ax = fig.add_subplot(1, 1, 1)
-        x = np.arange(len(names))
-        means = np.array([scores[k].mean() for k in names])
-        sems = np.array([scores[k].std(ddof=1) / np.sqrt(n_sub) for k in names])
-        ax.bar(x, means, yerr=sems, color="C0", capsize=3, label=f"mean over {n_sub} subjects (± sem)", zorder=2)
-        # the ceiling over the bars (as rsatoolbox draws it), translucent so the bars stay readable
-        ax.axhspan(lower, upper, color="0.55", alpha=0.3, linewidth=0, label="noise ceiling (lower-upper)", zorder=3)
-        ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=40 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
-        ax.set_ylabel(args.method)
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.legend(frameon=False, fontsize=8)
-        print(f"plot -> {_save(fig, args.plot, 200)}")

@@ -10,7 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from layertap._optional import require
+from layertap.analysis.plots import _figure, _save
 from layertap.errors import LayertapError
+from layertap.store.files import disk_error, write_json_atomic
 
 METRIC_LABELS = {
     "r": "Pearson r (held-out)",
@@ -23,8 +26,6 @@ ALL = "all"
 
 
 def _pandas() -> Any:
-    from layertap.analysis.similarity import require
-
     return require("pandas", "encode", "encoding scores")
 
 
@@ -39,6 +40,11 @@ def bootstrap_median(values: np.ndarray, n_bootstrap: int, seed: int, ci: float 
 
     Returns:
         ``(median, low, high)``; NaN where there is no finite value.
+
+    Example:
+        >>> median, low, high = bootstrap_median(np.array([0.1, 0.2, 0.3, np.nan]), 200, seed=0)
+        >>> round(median, 6), bool(low <= median <= high)
+        (0.2, True)
     """
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
@@ -72,6 +78,10 @@ class EncodingScores:
         ceiling: (targets,) reliability rho of the trial-averaged responses, or None without repeats.
         layers: layer names in run order.
         manifest: what was done (data files with sha256, folds, seeds, alphas, solver, versions).
+
+    Example:
+        >>> scores = EncodingScores.load("./scores")  # doctest: +SKIP
+        >>> scores.profile(roi="V4", metric="r")  # doctest: +SKIP
     """
 
     def __init__(self, table: Any, summary: Any, layers: list[str], manifest: dict[str, Any], ceiling: Any = None):
@@ -96,7 +106,21 @@ class EncodingScores:
         n_bootstrap: int = 1000,
         seed: int = 0,
     ) -> EncodingScores:
-        """Build the tables from ``{layer: {metric: (targets,) array}}``."""
+        """Build the tables from per-layer score arrays (medians over targets and their bootstrap CIs per ROI).
+
+        Args:
+            results: ``{layer: {metric: (targets,) array}}``.
+            layers: layer names in run order.
+            rho: (targets,) reliability of the trial-averaged responses, or None.
+            rois: ``{roi: target indices}``, or None (then only ROI ``all``).
+            roi_labels: one ROI label per target, or None.
+            manifest: what was done.
+            n_bootstrap: bootstrap resamples of each median.
+            seed: seed of the resampling.
+
+        Returns:
+            The scores.
+        """
         pd = _pandas()
         layers = list(layers)
         n_targets = len(next(iter(results.values()))["r"])
@@ -112,7 +136,7 @@ class EncodingScores:
         table["layer"] = pd.Categorical(table["layer"], categories=layers)
         table["metric"] = pd.Categorical(table["metric"], categories=metrics)
         groups = {ALL: target, **(rois or {})}
-        rows = []
+        rows: list[tuple[str | None, str, str, float, float, float, int]] = []
         for roi, idx in groups.items():
             for layer in layers:
                 for m in metrics:
@@ -134,7 +158,14 @@ class EncodingScores:
 
     # -- access ------------------------------------------------------------------------------
     def to_pandas(self, wide: bool = False) -> Any:
-        """The tidy table; ``wide=True`` gives one row per (layer, target) and one column per metric."""
+        """The tidy table.
+
+        Args:
+            wide: one row per (layer, target) and one column per metric instead.
+
+        Returns:
+            A ``pandas.DataFrame``.
+        """
         if not wide:
             return self.table
         out = self.table.pivot_table(index=["layer", "target", "roi"], columns="metric", values="value",
@@ -147,7 +178,18 @@ class EncodingScores:
         return list(dict.fromkeys(self.summary["roi"].tolist()))
 
     def profile(self, roi: str = ALL, metric: str = "r") -> Any:
-        """Summary rows of one ROI and metric, in layer order."""
+        """Summary rows of one ROI and metric, in layer order.
+
+        Args:
+            roi: the ROI (``all``: every target).
+            metric: ``r``, ``r2``, ``r_norm``, ``r2_norm`` or ``alpha``.
+
+        Returns:
+            A ``pandas.DataFrame`` (columns ``layer``, ``median``, ``ci_low``, ``ci_high``, ``n_targets``, ...).
+
+        Raises:
+            LayertapError: an unknown ROI or metric.
+        """
         if roi not in self.rois:
             raise LayertapError(f"no ROI '{roi}' (ROIs: {', '.join(self.rois)})")
         s = self.summary
@@ -161,14 +203,30 @@ class EncodingScores:
         return list(dict.fromkeys(s[s["layer"].notna()]["metric"].tolist()))
 
     def best_layer(self, roi: str = ALL, metric: str = "r") -> str:
-        """The layer with the highest median ``metric`` over the targets of ``roi``."""
+        """The layer with the highest median ``metric`` over the targets of ``roi``.
+
+        Args:
+            roi: the ROI (``all``: every target).
+            metric: as in :meth:`profile`.
+
+        Returns:
+            The layer name.
+        """
         prof = self.profile(roi, metric)
         if prof["median"].isna().all():
             raise LayertapError(f"no finite '{metric}' score for ROI '{roi}'")
         return str(prof.loc[prof["median"].idxmax(), "layer"])
 
     def ceiling_summary(self, roi: str = ALL, metric: str = "r") -> tuple[float, float, float] | None:
-        """(median, ci_low, ci_high) of the noise ceiling in units of ``metric`` (r or r2), or None."""
+        """The noise ceiling of ``roi`` in units of ``metric``.
+
+        Args:
+            roi: the ROI (``all``: every target).
+            metric: ``r`` or ``r2`` (normalised metrics have no ceiling of their own).
+
+        Returns:
+            ``(median, ci_low, ci_high)``, or None without repeats.
+        """
         s = self.summary
         rows = s[(s["roi"] == roi) & (s["metric"] == f"ceiling_{metric}")]
         if rows.empty:
@@ -191,8 +249,6 @@ class EncodingScores:
         Returns:
             The path written, or the Figure.
         """
-        from layertap.analysis.plots import _figure, _save
-
         names = list(rois) if rois is not None else ([r for r in self.rois if r != ALL] or [ALL])
         n_layers = len(self.layers)
         fig = _figure((max(4.5, 0.55 * n_layers + 2.5), 3.6))
@@ -252,8 +308,6 @@ class EncodingScores:
         Returns:
             ``{kind: path}`` of the files written.
         """
-        from layertap.store.run import disk_error, write_json_atomic
-
         out = Path(out)
         paths = {"table": out / "scores.parquet", "csv": out / "scores.csv", "summary": out / "summary.csv",
                  "manifest": out / "manifest.json"}
@@ -262,7 +316,8 @@ class EncodingScores:
             try:
                 self.table.to_parquet(paths["table"], index=False)
             except ImportError:
-                raise LayertapError("writing parquet needs pyarrow: pip install 'layertap[encode]'", 1) from None
+                require("pyarrow", "encode", "writing parquet")  # the one-line install hint when pyarrow is missing
+                raise
             self.table.to_csv(paths["csv"], index=False)
             self.summary.to_csv(paths["summary"], index=False)
             if self.ceiling is not None:
@@ -278,7 +333,17 @@ class EncodingScores:
 
     @classmethod
     def load(cls, out: str | os.PathLike[str]) -> EncodingScores:
-        """Read a folder written by :meth:`save`."""
+        """Read a folder written by :meth:`save`.
+
+        Args:
+            out: the folder.
+
+        Returns:
+            The scores (table, summary, ceiling and manifest as saved).
+
+        Raises:
+            LayertapError: the folder holds no saved scores.
+        """
         pd = _pandas()
         out = Path(out)
         if not (out / "manifest.json").is_file():

@@ -1,34 +1,48 @@
-"""Exact speed-ups for inference: folding BatchNorm into the convolution before it.
+"""Graph passes on a model for exact, faster inference: BatchNorm folding and the tapped-part graph.
 
 In eval mode, BatchNorm is an affine map per channel, so ``bn(conv(x))`` equals one convolution
 with rescaled weights and a new bias. The result differs only by float32 rounding (tested
-against the unfolded model), and the pass saves a full read and write of every such feature map:
-about 25% of ResNet-50's CPU time.
+against the unfolded model), and the pass saves a full read and write of every such feature map
+(measured gains: bench/RESULTS.md).
 
 A pair is folded only when (a) the data flow is certain: the BatchNorm is the only consumer of
 the convolution's output, read off a ``torch.fx`` trace (models that do not trace are left
 alone), (b) the convolution's own output is not tapped (after folding it would be the
 normalised output) and (c) the BatchNorm uses running statistics. A tapped BatchNorm stays
 correct: it becomes an Identity that passes on exactly what it produced before.
+
+:func:`tap_graph` cuts a model down to the ``torch.fx`` graph of its tapped part (what
+:class:`~layertap.extraction.tap.GraphTap` compiles). Nothing here is cached: reuse is the
+caller's object (an :class:`~layertap.extraction.tap.Extractor` held across calls).
 """
 
 from __future__ import annotations
 
 import copy
-import logging
-import weakref
-from operator import attrgetter
-from typing import Any
+from dataclasses import replace
 
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-log = logging.getLogger("layertap")
+from layertap.models.registry import LoadedModel
 
 
 def foldable_pairs(module: nn.Module, protected: set[str]) -> list[tuple[str, str]]:
-    """(conv name, bn name) pairs that can be folded without changing any tapped output."""
+    """The conv+BatchNorm pairs that can be folded without changing any tapped output.
+
+    Args:
+        module: the model (traced with ``torch.fx``; a model that does not trace gives no pairs).
+        protected: tapped module names: a tapped conv keeps its own output, so it is not folded.
+
+    Returns:
+        (conv name, bn name) pairs, in graph order.
+
+    Example:
+        >>> foldable_pairs(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), set())
+        [('0', '1')]
+    """
     try:
         graph = torch.fx.symbolic_trace(module).graph
     except Exception:  # noqa: BLE001 - dynamic control flow etc.: no folding, never a failure
@@ -59,52 +73,60 @@ def _set(root: nn.Module, name: str, value: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, value)
 
 
-#: module -> {protected names: (fingerprint, folded copy, pairs folded, the tensors fingerprinted)}
-_FOLDED: weakref.WeakKeyDictionary[nn.Module, dict[frozenset[str], tuple[Any, ...]]] = weakref.WeakKeyDictionary()
-
-
-def _fingerprint(module: nn.Module) -> tuple[list[torch.Tensor], tuple[Any, ...]]:
-    """What a folded copy depends on: the module tree and every parameter and buffer (object,
-    storage, in-place version). Any training step, ``load_state_dict`` or swapped submodule
-    changes it."""
-    tensors = [*module.parameters(), *module.buffers()]
-    key = (
-        tuple((name, id(m)) for name, m in module.named_modules()),
-        tuple((id(t), t.data_ptr(), t._version, t.device) for t in tensors),
-    )
-    return tensors, key
-
-
 def fold_batchnorm(module: nn.Module, protected: set[str]) -> tuple[nn.Module, int]:
     """A copy of ``module`` (eval mode) with foldable conv+BN pairs folded; the original is untouched.
 
-    ``protected``: tapped module names. Returns (module, number of pairs folded); when nothing
-    can be folded the module itself is returned. The copy is reused by later calls for the same
-    module and ``protected`` while the module is unchanged (see :func:`_fingerprint`), so that
-    a compiled graph of it (``compile=True``) is reused as well.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    Nothing is cached: a caller that folds once and reuses the copy holds it (an
+    :class:`~layertap.extraction.tap.Extractor` built with ``fold_bn=True`` does).
 
+    Args:
+        module: the model; put in eval mode.
+        protected: tapped module names, whose outputs must not change (see :func:`foldable_pairs`).
+
+    Returns:
+        (module, number of pairs folded); when nothing can be folded, ``module`` itself.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+        >>> fold_batchnorm(net, set())[1]
+        1
+    """
     module.eval()
-    tensors, key = _fingerprint(module)
-    cached = _FOLDED.get(module, {}).get(frozenset(protected))
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
     pairs = foldable_pairs(module, protected)
-    folded = module
-    if pairs:
-        folded = copy.deepcopy(module)
-        for conv_name, bn_name in pairs:
-            conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
-            _set(folded, conv_name, fuse_conv_bn_eval(conv, bn))
-            _set(folded, bn_name, nn.Identity())
-        folded.eval()
-        # the tensors are kept so that their ids cannot be reused by new ones while cached
-        _FOLDED.setdefault(module, {})[frozenset(protected)] = (key, folded, len(pairs), tensors)
+    if not pairs:
+        return module, 0
+    folded = copy.deepcopy(module)
+    for conv_name, bn_name in pairs:
+        conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
+        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)  # as foldable_pairs checked
+        _set(folded, conv_name, fuse_conv_bn_eval(conv, bn))
+        _set(folded, bn_name, nn.Identity())
+    folded.eval()
     return folded, len(pairs)
 
 
-# --- compiled taps -------------------------------------------------------------------------------
+def fold_untapped(loaded: LoadedModel, names: list[str]) -> tuple[LoadedModel, int]:
+    """Fold BatchNorm layers into the convs before them, except where a tapped layer would change.
+
+    Args:
+        loaded: the model.
+        names: the tapped layers (resolved names).
+
+    Returns:
+        The model (a folded copy when anything was folded: the caller's model is untouched) and
+        the number of BatchNorm layers folded.
+
+    Example:
+        >>> model = lt.load_model("resnet18", weights="random")
+        >>> folded, n = fold_untapped(model, ["layer1.0.conv1"])  # n == 19: the tapped conv keeps its BN
+    """
+    # A tapped conv must keep its own (pre-BatchNorm) output; aliases name modules too.
+    protected = set(names) | {loaded.layer_aliases[n] for n in names if n in loaded.layer_aliases}
+    module, folded = fold_batchnorm(loaded.module, protected)
+    return (replace(loaded, module=module) if folded else loaded), folded
+
+
+# --- the tapped part of a model as one graph -------------------------------------------------------------------------------
 
 
 class _TapTracer(torch.fx.Tracer):
@@ -118,39 +140,30 @@ class _TapTracer(torch.fx.Tracer):
         return qualname in self.keep or super().is_leaf_module(m, qualname)
 
 
-#: module -> {targets: (graph module, compiled graph, output keys)}, see :func:`compiled_tap_graph`
-_GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], tuple[Any, ...]]] = weakref.WeakKeyDictionary()
-
-
-def compiled_tap_graph(module: nn.Module, targets: list[str]) -> tuple[Any, list[tuple[int, int]]]:
-    """``torch.compile`` of :func:`tap_graph`, reused for the same module and targets as long as
-    every submodule the graph calls is still the module's own (its weights are read at call
-    time). Compilation itself happens on the first call."""
-    cached = _GRAPHS.get(module, {}).get(tuple(targets))
-    if cached is not None:
-        graph, compiled, keys = cached
-        calls = [n.target for n in graph.graph.nodes if n.op in ("call_module", "get_attr")]
-        try:
-            if all(attrgetter(t)(graph) is attrgetter(t)(module) for t in calls):
-                return compiled, keys
-        except AttributeError:
-            pass
-    graph, keys = tap_graph(module, targets)
-    compiled = torch.compile(graph)
-    _GRAPHS.setdefault(module, {})[tuple(targets)] = (graph, compiled, keys)
-    return compiled, keys
-
-
-def tap_graph(module: nn.Module, targets: list[str]) -> tuple[nn.Module, list[tuple[int, int]]]:
+def tap_graph(module: nn.Module, targets: list[str]) -> tuple[torch.fx.GraphModule, list[tuple[int, int]]]:
     """A ``torch.fx.GraphModule`` that computes only what ``targets`` need and returns their outputs.
 
-    ``targets``: module paths (``""`` is the model's own output). Returns the graph module and,
-    per returned output, (position in ``targets``, call index): a module called k times gives k
-    outputs in call order. Everything after the last tapped call is cut off (the early stop of the hook path),
-    and an output that a later operation reads is cloned inside the graph, so an in-place op
-    (``ReLU(inplace=True)``, ``out += identity``) cannot change it. Raises ``ValueError`` when a
-    target cannot be a node of its own (it contains another target) and whatever ``torch.fx``
-    raises for models it cannot trace.
+    Everything after the last tapped call is cut off (the early stop of the hook path), and an
+    output that a later operation reads is cloned inside the graph, so an in-place op
+    (``ReLU(inplace=True)``, ``out += identity``) cannot change it. The graph calls the model's own
+    submodules: their weights are read at call time.
+
+    Args:
+        module: the model.
+        targets: module paths (``""`` is the model's own output).
+
+    Returns:
+        The graph module (it returns a tuple) and, per returned output, (position in ``targets``,
+        call index): a module called k times gives k outputs in call order.
+
+    Raises:
+        ValueError: a target cannot be a node of its own (it contains another target), never runs,
+            or the model's output is not one traced value; and whatever ``torch.fx`` raises for
+            models it cannot trace.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 3))
+        >>> gm, keys = tap_graph(net, ["0", "2"])  # keys == [(0, 0), (1, 0)]
     """
     inner = [t for t in targets if t]
     for a in inner:

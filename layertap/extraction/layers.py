@@ -8,7 +8,6 @@ components (``layer4.**`` = everything inside ``layer4``).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch import nn
 from layertap.errors import LayertapError, close_matches
 from layertap.extraction.aliases import is_alias as _is_alias
 from layertap.extraction.aliases import resolve_alias as _resolve_alias
+from layertap.globs import glob_regex, is_pattern
 from layertap.models.registry import LoadedModel, as_loaded
 
 #: the pseudo-layer for the model's own output (the root module has no name of its own)
@@ -42,43 +42,26 @@ def module_names(model: nn.Module | LoadedModel) -> list[str]:
     return list(tappable(model))
 
 
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append(r"[^.]*")
-        elif c == "?":
-            out.append(r"[^.]")
-        elif c == "[":
-            end = pattern.find("]", i + 1)
-            if end < 0:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1 : end]
-                out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
-                i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-def is_pattern(name: str) -> bool:
-    return any(c in name for c in "*?[")
-
-
 def resolve_layers(module: nn.Module | LoadedModel, layers: str | list[str]) -> list[str]:
     """Expand names and glob patterns into tappable names (each once, in the order asked for).
 
-    ``output`` is the model's own output. Patterns match module names only, not aliases.
+    Args:
+        module: the model.
+        layers: one name or several: module names, globs (``*`` within one dotted component,
+            ``**`` across them; patterns match module names only, not aliases), aliases
+            (``penultimate``, ``block:-1``, a source's own such as ``hidden_states.3``), ``output``
+            (the model's own output), ``input`` or ``MODULE:input``.
 
-    Raises :class:`LayertapError` naming the closest valid names for an unknown name or a
-    pattern that matches nothing.
+    Returns:
+        The resolved names.
+
+    Raises:
+        LayertapError: no layers, or an unknown name or a pattern that matches nothing (naming the
+            closest valid names).
+
+    Example:
+        >>> resolve_layers(lt.load_model("resnet18", weights="random"), ["layer4.*.conv1", "avgpool"])
+        ['layer4.0.conv1', 'layer4.1.conv1', 'avgpool']
     """
     wanted = [layers] if isinstance(layers, str) else list(layers)
     if not wanted:
@@ -90,7 +73,7 @@ def resolve_layers(module: nn.Module | LoadedModel, layers: str | list[str]) -> 
     out: list[str] = []
     for want in wanted:
         if is_pattern(want):
-            rx = _glob_regex(want)
+            rx = glob_regex(want)
             hits = [n for n in plain if rx.match(n)]
             if not hits:
                 raise LayertapError(
@@ -111,31 +94,56 @@ def resolve_layers(module: nn.Module | LoadedModel, layers: str | list[str]) -> 
     return out
 
 
-def output_tensor(output: Any, name: str) -> torch.Tensor:
-    """The tensor a module produced, for modules that return containers.
+def unwrap_output(output: Any) -> torch.Tensor | None:
+    """The tensor a module produced, for modules that return containers (the one unwrapping rule).
 
-    A tensor is itself; a tuple/list gives its first tensor (the hidden state for transformer
-    blocks and RNNs); a dict or HF ``ModelOutput`` gives ``last_hidden_state`` or its first
-    tensor value. ``None`` or anything without a tensor is an error naming the layer.
+    Args:
+        output: what a module's ``forward`` returned.
+
+    Returns:
+        A tensor is itself; a tuple/list gives its first tensor (the hidden state for transformer
+        blocks and RNNs); a dict or HF ``ModelOutput`` gives ``last_hidden_state`` or its first
+        tensor value; None when there is no tensor.
+
+    Example:
+        >>> unwrap_output((torch.zeros(2), None)).shape
+        torch.Size([2])
     """
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, dict) or hasattr(output, "keys"):
-        values = [output["last_hidden_state"]] if "last_hidden_state" in output else list(output.values())
-        output = values
+        output = [output["last_hidden_state"]] if "last_hidden_state" in output else list(output.values())
     if isinstance(output, (tuple, list)):
         for item in output:
             if isinstance(item, torch.Tensor):
                 return item
-    raise LayertapError(
-        f"layer '{name}' returns {type(output).__name__}, not a tensor; tap one of its submodules instead"
-    )
+    return None
+
+
+def output_tensor(output: Any, name: str) -> torch.Tensor:
+    """:func:`unwrap_output`, where no tensor is an error naming the layer.
+
+    Raises:
+        LayertapError: ``output`` holds no tensor (e.g. ``None``).
+    """
+    t = unwrap_output(output)
+    if t is None:
+        raise LayertapError(
+            f"layer '{name}' returns {type(output).__name__}, not a tensor; tap one of its submodules instead"
+        )
+    return t
 
 
 @dataclass
 class LayerInfo:
     """One row of the architecture table. ``shape`` excludes the batch axis; ``params`` counts
-    every parameter in the module and its children; ``calls`` is how often it ran per forward."""
+    every parameter in the module and its children; ``calls`` is how often it ran per forward.
+
+    Example:
+        >>> info = lt.list_layers(lt.load_model("resnet18", weights="random"))[-2]
+        >>> info.name, info.shape, info.calls
+        ('fc', (1000,), 1)
+    """
 
     name: str
     type: str
@@ -153,6 +161,20 @@ def list_layers(model: nn.Module | LoadedModel, input_size: tuple[int, int, int]
 
     Runs one forward pass on a single zero image on the CPU. Modules that never run in
     ``forward`` get ``shape=None`` and ``calls=0``.
+
+    Args:
+        model: the model.
+        input_size: (C, H, W) of the zero image; default the model's own input size.
+
+    Returns:
+        One :class:`LayerInfo` per module, in definition order, then ``output``.
+
+    Raises:
+        LayertapError: a non-positive ``input_size``.
+
+    Example:
+        >>> [i.name for i in lt.list_layers(lt.load_model("resnet18", weights="random"))][:3]
+        ['conv1', 'bn1', 'relu']
     """
     loaded = as_loaded(model)
     mod = loaded.module

@@ -93,9 +93,10 @@ def _fmt(m: nn.Module) -> str | None:
 
 
 def _permute(m: nn.Module) -> str | None:
-    if type(m).__name__ != "Permute" or not isinstance(getattr(m, "dims", None), (list, tuple)):
+    dims = getattr(m, "dims", None)
+    if type(m).__name__ != "Permute" or not isinstance(dims, (list, tuple)):
         return None
-    dims = list(m.dims)
+    dims = list(dims)
     if dims in ([0, 2, 3, 1], [0, 2, 3, 4, 1]):
         return CHANNELS_LAST
     if dims in ([0, 3, 1, 2], [0, 4, 1, 2, 3]):

@@ -1,13 +1,18 @@
-"""Extraction: the :class:`Extractor` tap (hooks on named layers) and the dataset-level :func:`extract`.
+"""Extraction of a dataset: :func:`extract` streams the outputs of named layers into a run directory.
 
-The tap keeps every call of a module that runs several times per forward, copies outputs so
-that a later in-place op (``ReLU(inplace=True)``) cannot change them, and stops the forward pass
-once every requested layer has produced all of its outputs.
+The flow, one object per step::
+
+    extract(...)  ->  ExtractConfig  ->  prepare()  ->  Job  ->  _run_batches()  ->  RunWriter
+    (arguments)       (checked once)     (model, stimuli,       (decode, tap,       (the store)
+                                          layers, tap, device)    check, write)
+
+:func:`layertap.plan` runs the same :func:`prepare` step. The tap itself (hooks or a compiled
+graph) is :class:`layertap.extraction.tap.Extractor`; sharding is an option of :func:`extract`
+that calls into :mod:`layertap.shards`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -17,6 +22,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,318 +31,220 @@ import numpy as np
 import torch
 from torch import nn
 
-from layertap.data.images import ALPHA_BACKGROUND, ImageSet, iter_batches
-from layertap.errors import LayertapError, option_spelling
-from layertap.extraction.aliases import INPUT, INPUT_SUFFIX
-from layertap.extraction.layers import output_tensor, resolve_layers, tappable
-from layertap.extraction.layouts import CHANNELS_FIRST, CHANNELS_LAST, UNKNOWN, layer_layouts
-from layertap.extraction.reducers import Reducer, reducer_for
-from layertap.models.registry import LoadedModel, as_loaded, check_seed, load_model
-from layertap.store.run import ARRAYS, MANIFEST, PROGRESS, STORAGE_DTYPES, Run, RunWriter, disk_error, write_text_atomic
+from layertap.data.images import ALPHA_BACKGROUND, ImageSet, draft_size, iter_batches
+from layertap.data.stimuli import open_stimuli
+from layertap.devices import resolve_device
+from layertap.errors import LayertapError, LayertapFailure, option_spelling
+from layertap.extraction.aliases import used_aliases
+from layertap.extraction.engines import check_backend, describe_backend, resolve_backend
+from layertap.extraction.layers import resolve_layers
+from layertap.extraction.tap import Extractor, check_autocast
+from layertap.models.registry import LoadedModel, as_loaded, load_model
+from layertap.models.weights import check_seed, module_fingerprint
+from layertap.shards.merge import try_merge
+from layertap.shards.spec import resolve_shard, shard_device, shard_dir
+from layertap.store.blocks import STORAGE_DTYPES
+from layertap.store.files import ARRAYS, MANIFEST, PROGRESS, disk_error, write_text_atomic
+from layertap.store.manifest import ImagesSection, LayerInfo, Manifest, ShardInfo
+from layertap.store.run import Run
+from layertap.store.writer import RunWriter
 
 log = logging.getLogger("layertap")
 
 
-#: ``autocast`` names -> the dtype torch.autocast computes in
-AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Every setting of an extraction job (all but the model, images, layers and ``out``), checked once.
 
+    The fields and their defaults are :func:`extract`'s keyword arguments; see there.
 
-class _StopForward(Exception):
-    """Raised from the last hook to end a forward pass whose remaining layers are not needed."""
+    Raises:
+        LayertapError: a setting out of range (dtype, on_error, batch_size, workers, chunk_rows,
+            seed, autocast), when the config is made.
 
-
-class Extractor:
-    """Tap named layers of a model, in memory: ``with Extractor(model, ["layer3", "avgpool"]) as tap``.
-
-    ``tap(x)`` runs ``x`` (a batch already on the model's device) through the model and returns
-    ``{layer: Tensor}`` with the batch axis first (sequence-first transformer outputs are
-    transposed). A module that runs ``k > 1`` times per forward gives ``layer#0`` …
-    ``layer#{k-1}``. ``reduce`` applies a reducer on the device (see :mod:`layertap.reducers`):
-    one spec for all layers or ``{layer_or_pattern: spec}``. ``flatten=True`` then reshapes each
-    output to (B, N).
-    ``stop_early=True`` ends the forward as soon as all requested outputs exist (before the first
-    batch, one image runs through the whole model to learn how many times each layer runs). Hooks are removed on
-    exit, whatever happens.
-
-    ``compile=True`` runs the tapped part of the model as one ``torch.compile``'d graph instead of
-    hooks (see :func:`layertap.speed.tap_graph`): a 1.1–1.2x faster forward on a 2-core CPU after
-    a one-off compile (~20–30 s for a ResNet-50), equal to the eager forward to float32 rounding. The first call
-    fixes the batch size: smaller batches are padded to it (no recompilation). A model that
-    ``torch.fx`` cannot trace, or a compiler failure, logs a warning and runs eagerly instead;
-    ``compiled`` tells which ran.
-
-    ``autocast="float16"|"bfloat16"`` (opt-in, for GPUs) runs the forward under ``torch.autocast``:
-    faster on GPUs with tensor cores, but the numbers are no longer the float32 model's
-    (about 1e-2 relative difference for a ResNet's pooled features).
+    Example:
+        >>> ExtractConfig(batch_size=32, reduce="avg").tap_settings()["reduce"]
+        'avg'
     """
 
-    def __init__(
-        self,
-        model: nn.Module | LoadedModel,
-        layers: str | list[str],
-        *,
-        flatten: bool = False,
-        stop_early: bool = True,
-        reduce: str | dict[str, str] | None = None,
-        compile: bool = False,  # noqa: A002 - the torch name
-        autocast: str | None = None,
-    ) -> None:
-        if autocast is not None and autocast not in AUTOCAST_DTYPES:
-            raise LayertapError(f"--autocast must be one of {', '.join(AUTOCAST_DTYPES)}, not '{autocast}'")
-        self.autocast = autocast
-        self.model = as_loaded(model)
-        self.module = self.model.module
-        self.layers = resolve_layers(self.model, layers)
-        self.reducers: dict[str, Reducer] = {n: reducer_for(n, reduce) for n in self.layers}
-        #: per layer, whether its reducer applied to its output (known after the first call)
-        self.reduced: dict[str, bool] = {}
-        # Known from the modules, not the shapes: (B, C, H, W) and (B, H, W, C) look alike.
-        self.layouts = layer_layouts(self.module, tappable(self.model), self.layers)
-        #: the layout of each layer's 4-/5-D output where it matters: pooled by a spatial/time reducer,
-        #: or stored not channels-first (known after the first call; recorded in the manifest)
-        self.layout_used: dict[str, str] = {}
-        self.flatten = flatten
-        self.stop_early = stop_early
-        self.calls: dict[str, int] | None = None
-        self._seq_first = {
-            n: any(n == p or n.startswith(p + ".") for p in self.model.sequence_first) for n in self.layers
-        }
-        self._handles: list[Any] = []
-        self._outputs: dict[str, list[torch.Tensor]] = {}
-        self._remaining: int | None = None
-        #: whether tap(x) runs a torch.compile'd graph of the tapped layers (else hooks, eagerly)
-        self.compiled = False
-        self._graph: Any = None
-        if compile:
-            self._build_graph()
+    weights: str = "pretrained"
+    batch_size: int = 64
+    device: str | torch.device = "auto"
+    workers: int | None = None
+    flatten: bool = False
+    reduce: str | dict[str, str] | None = None
+    dtype: str = "float32"
+    fraction: float | None = None
+    seed: int = 0
+    things: bool = False
+    on_error: str = "skip"
+    overwrite: bool = False
+    channels_last: bool | str = "auto"
+    chunk_rows: int | None = None
+    exif_transpose: bool = True
+    fast_decode: bool = False
+    fold_bn: bool = True
+    compile: bool = False
+    autocast: str | None = None
+    backend: str = "auto"
+    shard: str | tuple[int, int] | None = "auto"
+    merge: bool = True
+    progress: bool = True
 
-    def _finish(self, name: str, out: Any, copy: bool) -> torch.Tensor:
-        """A layer's raw output as stored: batch first, reduced, flattened; ``copy`` when a later
-        in-place op could still change it."""
-        raw = output_tensor(out, name)
-        t = raw.detach()
-        if self._seq_first[name] and t.ndim == 3:
-            t = t.transpose(0, 1)
-        reducer = self.reducers[name]
-        self.reduced[name] = reducer.applies(t)
-        pooled = self.reduced[name] and reducer.kind in ("spatial", "time")
-        if t.ndim in (4, 5) and (pooled or self.layouts[name] != CHANNELS_FIRST):
-            self.layout_used[name] = self.layouts[name]
-        if pooled:
-            t = self._channels_first(name, t, reducer.spec)
-        t = reducer(t, self.model.num_prefix_tokens)
-        if self.flatten:
-            t = t.reshape(t.shape[0], -1)
-        if copy and t.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
-            t = t.clone()  # a view would change under a later in-place op
-        return t
-
-    def _channels_first(self, name: str, t: torch.Tensor, spec: str) -> torch.Tensor:
-        """``t`` as (B, C, H, W) / (B, C, T, H, W) for a spatial reducer, from either layout."""
-        layout = self.layouts[name]
-        if layout == UNKNOWN:
+    def __post_init__(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise LayertapError(f"unknown dtype '{self.dtype}'; choose one of {', '.join(STORAGE_DTYPES)}")
+        if self.on_error not in ("skip", "fail"):
+            raise LayertapError(f"--on-error must be 'skip' or 'fail', not '{self.on_error}'")
+        if self.batch_size < 1:
+            raise LayertapError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise LayertapError(f"--workers must be 0 (decode in this process) or more, got {self.workers}")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
             raise LayertapError(
-                f"--reduce {spec}: cannot tell whether layer {name}'s {tuple(t.shape)} output is channels-first or "
-                f"channels-last; store it unreduced (--reduce {name}=none) or tap the block that contains it"
+                f"--chunk-rows must be at least 1, got {self.chunk_rows} (leave it out for ~16 MB chunks)"
             )
-        return t.movedim(-1, 1) if layout == CHANNELS_LAST else t
+        check_seed(self.seed)
+        check_autocast(self.autocast)
+        check_backend(self.backend)
 
-    def _hook(self, name: str):  # noqa: ANN202
-        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-            last = self._remaining == 1  # the forward stops right here: nothing can overwrite the output
-            self._outputs[name].append(self._finish(name, out, copy=not last))
-            if self._remaining is not None:
-                self._remaining -= 1
-                if self._remaining == 0:
-                    raise _StopForward
+    def tap_settings(self) -> dict[str, Any]:
+        """The settings that make the tap (compared with those of an :class:`Extractor` passed as the model)."""
+        return {
+            "flatten": self.flatten,
+            "stop_early": True,
+            "reduce": self.reduce,
+            "compile": self.compile,
+            "autocast": self.autocast,
+            "fold_bn": self.fold_bn,
+        }
 
-        return hook
 
-    def __enter__(self) -> Extractor:
-        if self.compiled:
-            return self
-        modules = tappable(self.model)
-        self._handles = [self._register(modules, n) for n in self.layers]
-        return self
+@dataclass
+class Job:
+    """A prepared extraction: the config and what :func:`prepare` built from it.
 
-    def _register(self, modules: dict[str, nn.Module], name: str) -> Any:
-        """A forward hook on the layer; for ``input`` / ``MODULE:input`` (see :mod:`layertap.aliases`)
-        a forward pre-hook on the model / that module, which captures its first positional input."""
-        if name == INPUT or name.endswith(INPUT_SUFFIX):
-            target = self.module if name == INPUT else modules[name.removesuffix(INPUT_SUFFIX)]
-            hook = self._hook(name)
-            return target.register_forward_pre_hook(lambda m, args: hook(m, args, args[0] if args else None))
-        return modules[name].register_forward_hook(self._hook(name))
+    Attributes:
+        config: the settings.
+        model: the model as given, with the provenance that identifies the job.
+        imageset: the stimuli (after ``fraction``; a shard's slice for a shard).
+        tap: the tap, its module on ``device``.
+        device: where the model runs.
+        channels_last: whether the module uses channels_last memory.
+        draft: the JPEG draft size (``fast_decode``), or None.
+    """
 
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._outputs = {}
-
-    def _forward(self, x: torch.Tensor, stop: bool) -> dict[str, list[torch.Tensor]]:
-        self._outputs = {n: [] for n in self.layers}
-        self._remaining = sum(self.calls.values()) if (stop and self.calls) else None
-        try:
-            with self._mode(x):
-                self.module(x)
-        except _StopForward:
-            pass
-        finally:
-            self._remaining = None
-        outputs, self._outputs = self._outputs, {n: [] for n in self.layers}
-        return outputs
-
-    def _mode(self, x: torch.Tensor) -> contextlib.ExitStack:
-        """inference_mode, plus autocast when asked for."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if self.autocast:
-            stack.enter_context(torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES[self.autocast]))
-        return stack
-
-    def calibrate(self, x: torch.Tensor) -> dict[str, int]:
-        """Run ``x`` through the whole model once to learn how often each layer runs per forward."""
-        self.calibrate_from(self._forward(x, stop=False))
-        return self.calls  # type: ignore[return-value]
-
-    def _build_graph(self) -> None:
-        from layertap.extraction.graph import compiled_tap_graph
-        from layertap.extraction.layers import OUTPUT
-
-        named = {n for n, _ in self.module.named_modules() if n}
-        targets = [n if n in named else self.model.layer_aliases.get(n, "" if n == OUTPUT else n) for n in self.layers]
-        try:
-            self._graph, self._keys = compiled_tap_graph(self.module, targets)
-        except Exception as err:  # noqa: BLE001 - untraceable models run eagerly: same numbers, less speed
-            log.warning("compile: cannot trace %s with torch.fx (%s); running without compile", self.module_name, err)
-            return
-        self._batch: int | None = None
-        self._graph_ran = False
-        self.calls = {n: sum(1 for pos, _ in self._keys if pos == i) for i, n in enumerate(self.layers)}
-        self.compiled = True
+    config: ExtractConfig
+    model: LoadedModel
+    imageset: ImageSet
+    tap: Extractor
+    device: torch.device
+    channels_last: bool
+    draft: int | None
 
     @property
-    def module_name(self) -> str:
-        return self.model.name or type(self.module).__name__
-
-    def _run_graph(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        b = x.shape[0]
-        if self._batch is None:
-            self._batch = b
-        elif b < self._batch:  # pad to the compiled shape: per-image results do not depend on the others
-            fill = x[-1:].expand(self._batch - b, *x.shape[1:])
-            cl = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            x = torch.cat([x, fill]).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-        with self._mode(x):
-            raw = self._graph(x)
-        outputs: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        for (pos, _), out in zip(self._keys, raw, strict=True):
-            name = self.layers[pos]
-            outputs[name].append(self._finish(name, out, copy=False)[:b])
-        return outputs
-
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.compiled:
-            try:
-                outputs = self._run_graph(x)
-            except Exception as err:
-                if self._graph_ran:  # it compiled and ran before: a real error, not the compiler's
-                    raise
-                log.warning("compile: torch.compile failed (%s); running without compile", str(err).splitlines()[0])
-                self.compiled, self.calls = False, None
-                return self(x)
-            self._graph_ran = True
-            return self._flat(outputs)
-        if not self._handles:
-            with self:
-                return self(x)
-        if self.calls is None and self.stop_early and x.shape[0] > 1:
-            self.calibrate(x[:1])  # one image through the whole model, then the batch stops early
-        outputs = self._forward(x, stop=self.stop_early)
-        if self.calls is None:
-            self.calibrate_from(outputs)
-        return self._flat(outputs)
-
-    @staticmethod
-    def _flat(outputs: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        result: dict[str, torch.Tensor] = {}
-        for name, outs in outputs.items():
-            if len(outs) == 1:
-                result[name] = outs[0]
-            else:
-                result.update({f"{name}#{k}": t for k, t in enumerate(outs)})
-        return result
-
-    def calibrate_from(self, outputs: dict[str, list[torch.Tensor]]) -> None:
-        silent = [n for n, v in outputs.items() if not v]
-        if silent:
-            raise LayertapError(
-                f"layer(s) {', '.join(silent)} never ran during the forward pass; tap modules that forward() uses"
-            )
-        self.calls = {n: len(v) for n, v in outputs.items()}
+    def layers(self) -> list[str]:
+        """The resolved layer names."""
+        return self.tap.layers
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' (or None) picks cuda, then mps, then cpu; anything else is checked to exist."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise LayertapError(f"unknown device '{device}'; use cpu, cuda, cuda:N, mps or auto") from None
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise LayertapError(f"--device {device}: layertap runs on cpu, cuda, cuda:N or mps (or auto)")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LayertapError("--device cuda asked for, but no CUDA GPU is available; use --device cpu or auto")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise LayertapError("--device mps asked for, but MPS is not available; use --device cpu or auto")
-    return dev
+def prepare(
+    model: nn.Module | LoadedModel | Extractor | str,
+    images: str | os.PathLike[str] | ImageSet,
+    layers: str | list[str],
+    config: ExtractConfig,
+) -> Job:
+    """Load the model, open the stimuli, resolve the layers, build the tap and place it on the device.
 
-
-def fold_untapped(loaded: LoadedModel, names: list[str]) -> tuple[LoadedModel, int]:
-    """Fold BatchNorm layers into the convs before them, except where a tapped layer would change.
+    Shared by :func:`extract` and :func:`layertap.plan`.
 
     Args:
-        loaded: the model.
-        names: the tapped layers (resolved names).
+        model: a loaded model, any ``nn.Module``, a name for :func:`load_model` (with
+            ``config.weights`` and ``config.seed``) or an :class:`Extractor` to reuse (its layers and
+            tap settings must be the ones asked for).
+        images: a folder, a .txt/.csv list, a video, a stimulus array or an :class:`ImageSet`.
+        layers: names or globs.
+        config: the settings.
 
     Returns:
-        The model (a folded copy when anything was folded: the caller's model is untouched) and
-        the number of BatchNorm layers folded.
+        The :class:`Job`.
+
+    Raises:
+        LayertapError: unknown layers, unreadable stimuli, an unavailable device, or an
+            :class:`Extractor` built with other layers or settings.
+
+    Example:
+        >>> job = prepare("resnet18", "photos/", ["avgpool"], ExtractConfig(weights="random"))
     """
-    from dataclasses import replace
+    held = model if isinstance(model, Extractor) else None
+    if isinstance(model, Extractor):
+        loaded = model.model
+    elif isinstance(model, str):
+        loaded = load_model(model, config.weights, seed=config.seed)
+    else:
+        loaded = as_loaded(model)
+    # images, videos (frames or clips, by the model) or a stimulus array
+    imageset = images if isinstance(images, ImageSet) else open_stimuli(images, things=config.things, model=loaded)
+    if config.fraction is not None:
+        imageset = imageset.subset(config.fraction, config.seed)
+    names = resolve_layers(loaded, layers)
+    draft = None
+    if config.fast_decode:
+        draft = draft_size(loaded.transform)
+        if draft is None:
+            log.warning("fast_decode: cannot tell this model's resize size from its transform; decoding fully")
+    dev = resolve_device(config.device)
+    # decided from the whole job (all shards), so that a resume and every shard choose the same
+    backend = resolve_backend(config.backend, dev.type, len(imageset), compile=config.compile, autocast=config.autocast)
+    if held is not None:
+        _check_held(held, names, config)
+        tap = held
+    else:
+        tap = Extractor(loaded, names, **config.tap_settings(), backend=backend)
+    use_cl = tap.to_device(dev, config.channels_last)
+    return Job(config, loaded, imageset, tap, dev, use_cl, draft)
 
-    from layertap.extraction.graph import fold_batchnorm
 
-    # A tapped conv must keep its own (pre-BatchNorm) output; aliases name modules too.
-    protected = set(names) | {loaded.layer_aliases[n] for n in names if n in loaded.layer_aliases}
-    module, folded = fold_batchnorm(loaded.module, protected)
-    return (replace(loaded, module=module) if folded else loaded), folded
+def _check_held(tap: Extractor, names: list[str], config: ExtractConfig) -> None:
+    """Refuse an Extractor whose layers or tap settings differ from the job's (they define what is stored)."""
+    if names != tap.layers:
+        raise LayertapError(
+            f"the Extractor taps {', '.join(tap.layers)}, not the layers asked for ({', '.join(names)})"
+        )
+    wanted = config.tap_settings()
+    if config.backend != "auto":  # "auto" takes the held tap's backend
+        wanted["backend"] = config.backend
+    differ = [k for k, v in wanted.items() if tap.settings.get(k) != v]
+    if differ:
+        have = ", ".join(f"{k}={tap.settings.get(k)!r}" for k in differ)
+        raise LayertapError(f"the Extractor was built with {have}: pass the same to extract (or build another)")
 
 
-def prepare_module(module: nn.Module, device: torch.device, channels_last: bool | str = "auto") -> bool:
-    """Move the module to ``device`` (in place); use channels_last memory for conv nets.
+def identify_model(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` with an in-memory module's weights hashed into its provenance.
 
-    channels_last changes the order of float operations inside convolutions, not what is
-    computed: results agree with the default layout to float32 rounding (tested), and it is
-    15–30% faster on CPUs. Returns whether channels_last is used.
+    The weights' content of a module the caller built is part of the job: a resume must not mix models.
     """
-    if channels_last == "auto":
-        channels_last = device.type in ("cpu", "cuda") and any(isinstance(m, nn.Conv2d) for m in module.modules())
-    module.to(device)
-    # both ways: a folded copy is reused across calls (see speed.fold_batchnorm) that may ask differently
-    module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    module.eval()
-    return bool(channels_last)
+    if loaded.provenance.get("weights", {}).get("kind") != "user-module":
+        return loaded
+    weights_id = {**loaded.provenance["weights"], "sha256": module_fingerprint(loaded.module)}
+    return replace(loaded, provenance={**loaded.provenance, "weights": weights_id})
 
 
 def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
-    """A tensor as the numpy array to store (bfloat16 as its uint16 bit patterns)."""
+    """A tensor as the numpy array to store (bfloat16 as its uint16 bit patterns).
+
+    Args:
+        t: the tensor (any device).
+        dtype: the storage dtype: float32, float16 or bfloat16.
+
+    Returns:
+        A numpy array on the CPU.
+
+    Example:
+        >>> to_storage(torch.ones(2), "bfloat16")
+        array([16256, 16256], dtype=uint16)
+    """
     if dtype == "bfloat16":
         return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
     return t.to(getattr(torch, dtype)).cpu().numpy()
@@ -355,7 +263,7 @@ def _versions() -> dict[str, str]:
 
 
 def extract(
-    model: nn.Module | LoadedModel | str,
+    model: nn.Module | LoadedModel | Extractor | str,
     images: str | os.PathLike[str] | ImageSet,
     layers: str | list[str],
     out: str | os.PathLike[str],
@@ -379,6 +287,7 @@ def extract(
     fold_bn: bool = True,
     compile: bool = False,  # noqa: A002 - the torch name
     autocast: str | None = None,
+    backend: str = "auto",
     shard: str | tuple[int, int] | None = "auto",
     merge: bool = True,
     progress: bool = True,
@@ -387,122 +296,203 @@ def extract(
 
     Activations are written batch by batch (memory stays bounded by the batch and one chunk per
     layer). Re-running the same call on an interrupted run resumes it and gives the same bytes
-    as an uninterrupted run; on a finished run it returns that run. Returns the :class:`Run`:
-    ``run["avgpool"]`` has shape (images, ...) or (images, N) with ``flatten``.
+    as an uninterrupted run; on a finished run it returns that run.
 
-    ``model`` is a loaded model, any ``nn.Module``, or a name for :func:`load_model` (with
-    ``weights`` and ``seed``). ``images`` is a folder, a .txt/.csv list or an :class:`ImageSet`;
-    ``fraction`` takes a reproducible random subset (drawn with ``seed``). ``reduce`` pools or
-    projects outputs on the device before storing (see :mod:`layertap.reducers`; e.g. ``"avg"``
-    for conv maps, ``"cls"`` for ViT tokens, ``{"layer3": "max:2"}``). Images that cannot
-    be decoded are skipped, logged and recorded (``on_error="fail"`` stops instead).
-    ``dtype`` is the storage type (float32, float16, bfloat16); computation is float32.
-    ``fast_decode`` (opt-in, recorded) decodes large JPEGs at reduced scale (libjpeg DCT scaling)
-    when the transform first resizes them anyway: 2x faster decoding of 1200x900 photos, but
-    pixel values differ slightly from a full decode, so it is off by default.
-    ``fold_bn`` folds eval-mode BatchNorm into the convolution before it where no tapped output
-    changes (see :mod:`layertap.speed`): float32-rounding-level differences, ~25% faster ResNets.
-    ``compile`` runs the tapped layers as one ``torch.compile``'d graph (see :class:`Extractor`):
-    a faster forward after a one-off compile (~20–30 s on a 2-core CPU), which pays only where
-    decoding does not compete for the same cores; float32-rounding-level differences; whether it
-    ran is recorded in the manifest (``compiled``).
-    ``autocast`` ("float16" or "bfloat16", opt-in, recorded) computes under ``torch.autocast``: for
-    GPUs; it changes the numbers (~1e-2 relative) and is ~25x slower on CPUs without AVX512/AMX.
+    Args:
+        model: a loaded model, any ``nn.Module``, a name for :func:`load_model` (with ``weights``
+            and ``seed``), or an :class:`~layertap.extraction.tap.Extractor` held across calls (built
+            with this call's layers, ``flatten``, ``reduce``, ``compile``, ``autocast`` and
+            ``fold_bn``): its folded copy and compiled graph are then made once, not per call.
+        images: a folder, a .txt/.csv list, a video, a stimulus array or an :class:`ImageSet`.
+        layers: names or globs (see :func:`layertap.extraction.layers.resolve_layers`).
+        out: the run directory.
+        weights: the weights of a named model (``pretrained``, ``random`` or a file).
+        batch_size: images per forward pass.
+        device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        workers: decoding processes (default: cores - 1; 0 decodes in this process).
+        flatten: store each output as (images, N).
+        reduce: pool or project outputs on the device before storing (see
+            :mod:`layertap.extraction.reducers`; e.g. ``"avg"`` for conv maps, ``"cls"`` for ViT
+            tokens, ``{"layer3": "max:2"}``).
+        dtype: the storage type (float32, float16, bfloat16); computation is float32.
+        fraction: a reproducible random subset of the images (drawn with ``seed``).
+        seed: the seed of random weights and of ``fraction``.
+        things: ``images`` is a THINGS folder (concept labels).
+        on_error: ``"skip"`` (log and record images that cannot be decoded) or ``"fail"``.
+        overwrite: replace a run of another job in ``out``.
+        channels_last: channels_last memory for conv nets (``"auto"``: on cpu and cuda).
+        chunk_rows: rows per stored chunk (default: ~16 MB chunks).
+        exif_transpose: apply the EXIF orientation of photos.
+        fast_decode: (opt-in, recorded) decode large JPEGs at reduced scale (libjpeg DCT scaling)
+            when the transform first resizes them anyway; pixel values differ slightly from a full decode.
+        fold_bn: fold eval-mode BatchNorm into the convolution before it where no tapped output
+            changes (see :func:`layertap.extraction.graph.fold_untapped`): float32-rounding-level
+            differences.
+        compile: run the tapped layers as one ``torch.compile``'d graph (see
+            :class:`~layertap.extraction.tap.Extractor`): faster after a one-off compile, which pays
+            only where decoding does not compete for the same cores; float32-rounding-level
+            differences; whether it ran is recorded in the manifest (``compiled``).
+        autocast: ``"float16"`` or ``"bfloat16"`` (opt-in, recorded) computes under
+            ``torch.autocast``: for GPUs; it changes the numbers (~1e-2 relative).
+        backend: what runs the float32 forward on the CPU: ``"torch"``, or an exact inference
+            engine, ``"onnxruntime"`` or ``"openvino"`` (``pip install 'layertap[cpu]'``; about 2x
+            faster, equal to torch to float32 rounding; the export is cached on disk, see
+            :mod:`layertap.extraction.engines`). ``"auto"`` (default) takes an installed engine on
+            a CPU for jobs of 256 images or more, torch otherwise and always on CUDA/MPS. Part of
+            the job: a resume with another backend is refused. What an engine cannot export or
+            run falls back to torch with one warning, recorded in the manifest (``backend``).
+        shard: ``(i, n)`` or ``"i/n"`` extracts the i-th of n disjoint slices (cut at batch
+            boundaries) into ``out/shards/``; ``"auto"`` takes i and n from a Slurm job array or
+            torchrun when there is one; None never shards.
+        merge: the shard that finds all n complete merges them into ``out``, byte-identical to an
+            unsharded run.
+        progress: show a progress bar.
 
-    ``shard=(i, n)`` (or ``"i/n"``) extracts the i-th of n disjoint slices (cut at batch
-    boundaries) into ``out/shards/``; ``"auto"`` (default) takes i and n from a Slurm job array
-    or torchrun when there is one. With ``merge``, the shard that finds all n complete merges
-    them into ``out``, byte-identical to an unsharded run (see :func:`layertap.storage.merge_shards`).
+    Returns:
+        The :class:`Run`: ``run["avgpool"]`` has shape (images, ...) or (images, N) with ``flatten``.
+
+    Raises:
+        LayertapError: bad settings, unknown layers, undecodable stimuli with ``on_error="fail"``,
+            a full disk, or another job's run in ``out`` (without ``overwrite``).
+
+    Example:
+        >>> run = lt.extract("resnet18", "photos/", ["layer3", "avgpool"], "runs/r18", reduce="avg")
+        >>> with lt.Extractor(lt.load_model("resnet18"), ["avgpool"], fold_bn=True) as tap:
+        ...     a = lt.extract(tap, "set_a/", ["avgpool"], "runs/a")  # folds once for both runs
+        ...     b = lt.extract(tap, "set_b/", ["avgpool"], "runs/b")
     """
-    from layertap.extraction.aliases import used_aliases
-    from layertap.shards.cluster import resolve_shard, shard_dir
+    config = ExtractConfig(
+        weights=weights,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        flatten=flatten,
+        reduce=reduce,
+        dtype=dtype,
+        fraction=fraction,
+        seed=seed,
+        things=things,
+        on_error=on_error,
+        overwrite=overwrite,
+        channels_last=channels_last,
+        chunk_rows=chunk_rows,
+        exif_transpose=exif_transpose,
+        fast_decode=fast_decode,
+        fold_bn=fold_bn,
+        compile=compile,
+        autocast=autocast,
+        backend=backend,
+        shard=shard,
+        merge=merge,
+        progress=progress,
+    )
+    return run_job(model, images, layers, out, config)
 
-    if dtype not in STORAGE_DTYPES:
-        raise LayertapError(f"unknown dtype '{dtype}'; choose one of {', '.join(STORAGE_DTYPES)}")
-    if on_error not in ("skip", "fail"):
-        raise LayertapError(f"--on-error must be 'skip' or 'fail', not '{on_error}'")
-    if batch_size < 1:
-        raise LayertapError(f"--batch-size must be at least 1, got {batch_size}")
-    if workers is not None and workers < 0:
-        raise LayertapError(f"--workers must be 0 (decode in this process) or more, got {workers}")
-    if chunk_rows is not None and chunk_rows < 1:
-        raise LayertapError(f"--chunk-rows must be at least 1, got {chunk_rows} (leave it out for ~16 MB chunks)")
-    check_seed(seed)
-    part = resolve_shard(shard)
-    if part is not None and (str(device) == "auto" or os.environ.get("LAYERTAP_DEVICE")):
-        from layertap.shards.cluster import shard_device
 
-        device = shard_device()  # the launcher's device for this shard, or cuda:LOCAL_RANK under torchrun
-    loaded = load_model(model, weights, seed=seed) if isinstance(model, str) else as_loaded(model)
-    if loaded.provenance.get("weights", {}).get("kind") == "user-module":
-        from dataclasses import replace as _replace
+def run_job(
+    model: nn.Module | LoadedModel | Extractor | str,
+    images: str | os.PathLike[str] | ImageSet,
+    layers: str | list[str],
+    out: str | os.PathLike[str],
+    config: ExtractConfig,
+) -> Run:
+    """:func:`extract` with its settings in one :class:`ExtractConfig`: prepare, then run (or shard)."""
+    part = resolve_shard(config.shard)
+    if part is not None and (str(config.device) == "auto" or os.environ.get("LAYERTAP_DEVICE")):
+        # the launcher's device for this shard, or cuda:LOCAL_RANK under torchrun
+        config = replace(config, device=shard_device())
+    job = prepare(model, images, layers, config)
+    job = replace(job, model=identify_model(job.model))
+    options = _options(job)
+    manifest = run_manifest(job, layers, options)
+    if job.config.autocast and job.device.type == "cpu":
+        log.warning("autocast %s on the CPU: usually much slower than float32 without AVX512/AMX", job.config.autocast)
+    if part is None:
+        return _extract_into(Path(out), job, _job_spec(job, options), manifest)
+    index, count = part
+    whole = job.imageset
+    piece = replace(job, imageset=whole.shard(index, count, align=job.config.batch_size))
+    shard_manifest = manifest.updated(
+        shard=ShardInfo(
+            index=index,
+            count=count,
+            offset=piece.imageset.selection["shard_offset"],
+            parent=str(Path(out).resolve()),
+            parent_spec=_job_spec(job, options),
+            parent_images={
+                "root": whole.root,
+                "layout": whole.layout,
+                "n_total": len(whole),
+                "classes": whole.classes,
+                "concepts": whole.concepts,
+                "selection": whole.selection,
+            },
+        )
+    )
+    spec = {**_job_spec(piece, options), "shard": [index, count]}
+    # _extract_into says what this shard stored (or that it was complete already): its path names the shard
+    run = _extract_into(shard_dir(out, index, count), piece, spec, shard_manifest)
+    if job.config.merge:
+        merged = try_merge(out)
+        if merged is not None:
+            log.info("all %d shards complete: merged %d images into %s", count, len(merged.images), merged.path)
+            return merged
+    return run
 
-        from layertap.models.registry import module_fingerprint
 
-        # An in-memory module: its weights' content is part of the job (a resume must not mix models).
-        weights_id = {**loaded.provenance["weights"], "sha256": module_fingerprint(loaded.module)}
-        loaded = _replace(loaded, provenance={**loaded.provenance, "weights": weights_id})
-    if isinstance(images, ImageSet):
-        imageset = images
-    else:  # images, videos (frames or clips, by the model) or a stimulus array
-        from layertap.data.stimuli import open_stimuli
-
-        imageset = open_stimuli(images, things=things, model=loaded)
-    if fraction is not None:
-        imageset = imageset.subset(fraction, seed)
-    names = resolve_layers(loaded, layers)
-    draft = None
-    if fast_decode:
-        from layertap.data.images import draft_size
-
-        draft = draft_size(loaded.transform)
-        if draft is None:
-            log.warning("fast_decode: cannot tell this model's resize size from its transform; decoding fully")
-    dev = resolve_device(device)
-    folded = 0
-    if fold_bn:
-        loaded, folded = fold_untapped(loaded, names)
-    use_cl = prepare_module(loaded.module, dev, channels_last)
-    options = {
-        "batch_size": batch_size,
-        "flatten": flatten,
-        "reduce": reduce,
-        "dtype": dtype,
-        "device": str(dev),
-        "channels_last": use_cl,
-        "folded_batchnorms": folded,
-        "compile": compile,
-        "autocast": autocast,
-        "chunk_rows": chunk_rows,
-        "exif_transpose": exif_transpose,
-        "jpeg_draft": draft,
-        "on_error": on_error,
-        "seed": seed,
+def _options(job: Job) -> dict[str, Any]:
+    """The job's options, as the manifest records them (``options``, and in the job spec)."""
+    c = job.config
+    return {
+        "batch_size": c.batch_size,
+        "flatten": c.flatten,
+        "reduce": c.reduce,
+        "dtype": c.dtype,
+        "device": str(job.device),
+        "channels_last": job.channels_last,
+        "folded_batchnorms": job.tap.folded_batchnorms,
+        "compile": c.compile,
+        "autocast": c.autocast,
+        "backend": job.tap.settings["backend"],
+        "chunk_rows": c.chunk_rows,
+        "exif_transpose": c.exif_transpose,
+        "jpeg_draft": job.draft,
+        "on_error": c.on_error,
+        "seed": c.seed,
     }
 
-    def job_spec(images_: ImageSet) -> dict[str, Any]:
-        spec_ = {
-            "model": loaded.provenance,
-            "layers": names,
-            "images": images_.fingerprint(),
-            "n_images": len(images_),
-            **options,
-        }
-        spec_.pop("on_error")  # how failures are handled does not change what is stored
-        # The device type matters (kernels differ); which GPU of several does not.
-        spec_["device"] = dev.type
-        return spec_
 
-    manifest = {
-        "layertap": "run",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "command": sys.argv if Path(sys.argv[0]).name == "layertap" else None,
-        "model": loaded.provenance,
-        "layers_requested": [layers] if isinstance(layers, str) else list(layers),
-        "layer_aliases": used_aliases(loaded, layers),  # alias asked for -> the real name stored
-        "options": {**options, "workers": workers, "fraction": fraction},
-        "decode": {
+def _job_spec(job: Job, options: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the job's stored numbers (a resume must match it)."""
+    spec_ = {
+        "model": job.model.provenance,
+        "layers": job.layers,
+        "images": job.imageset.fingerprint(),
+        "n_images": len(job.imageset),
+        **options,
+    }
+    spec_.pop("on_error")  # how failures are handled does not change what is stored
+    if spec_["backend"] == "torch":  # as before backends existed: older unfinished runs still resume
+        spec_.pop("backend")
+    # The device type matters (kernels differ); which GPU of several does not.
+    spec_["device"] = job.device.type
+    return spec_
+
+
+def run_manifest(job: Job, layers: str | list[str], options: dict[str, Any]) -> Manifest:
+    """The run manifest as written when the run starts (``layers``: the layers as asked for)."""
+    loaded, workers, fraction = job.model, job.config.workers, job.config.fraction
+    exif_transpose, draft = job.config.exif_transpose, job.draft
+    return Manifest(
+        layertap="run",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        versions=_versions(),
+        command=sys.argv if Path(sys.argv[0]).name == "layertap" else None,
+        model=loaded.provenance,
+        layers_requested=[layers] if isinstance(layers, str) else list(layers),
+        layer_aliases=used_aliases(loaded, layers),  # alias asked for -> the real name stored
+        options={**options, "workers": workers, "fraction": fraction},
+        decode={
             "library": "PIL",
             "exif_transpose": exif_transpose,
             "jpeg_draft": (
@@ -511,69 +501,24 @@ def extract(
             "alpha_background": list(ALPHA_BACKGROUND),
             "gray_16bit": "scaled to 8 bits (value / 257, rounded)",
         },
-    }
-    if autocast and dev.type == "cpu":
-        log.warning("autocast %s on the CPU: usually much slower than float32 without AVX512/AMX", autocast)
-    tap = Extractor(loaded, names, flatten=flatten, reduce=reduce, compile=compile, autocast=autocast)
-    settings = (dev, use_cl, batch_size, workers, dtype, on_error, chunk_rows, exif_transpose, draft, progress)
-    if part is None:
-        return _extract_into(Path(out), imageset, job_spec(imageset), manifest, tap, settings, overwrite)
-    index, count = part
-    piece = imageset.shard(index, count, align=batch_size)
-    shard_manifest = {
-        **manifest,
-        "shard": {
-            "index": index,
-            "count": count,
-            "offset": piece.selection["shard_offset"],
-            "parent": str(Path(out).resolve()),
-            "parent_spec": job_spec(imageset),
-            "parent_images": {
-                "root": imageset.root,
-                "layout": imageset.layout,
-                "n_total": len(imageset),
-                "classes": imageset.classes,
-                "concepts": imageset.concepts,
-                "selection": imageset.selection,
-            },
-        },
-    }
-    spec = {**job_spec(piece), "shard": [index, count]}
-    # _extract_into says what this shard stored (or that it was complete already): its path names the shard
-    run = _extract_into(shard_dir(out, index, count), piece, spec, shard_manifest, tap, settings, overwrite)
-    if merge:
-        from layertap.store.run import try_merge
-
-        merged = try_merge(out)
-        if merged is not None:
-            log.info("all %d shards complete: merged %d images into %s", count, len(merged.images), merged.path)
-            return merged
-    return run
+    )
 
 
-def _extract_into(
-    out: Path,
-    imageset: ImageSet,
-    spec: dict[str, Any],
-    manifest: dict[str, Any],
-    tap: Extractor,
-    settings: tuple[Any, ...],
-    overwrite: bool,
-) -> Run:
-    """Extract ``imageset`` into the run directory ``out`` (create, resume, or find it complete)."""
-    dev, use_cl, batch_size, workers, dtype, on_error, chunk_rows, exif_transpose, draft, progress = settings
+def _extract_into(out: Path, job: Job, spec: dict[str, Any], manifest: Manifest) -> Run:
+    """Extract ``job.imageset`` into the run directory ``out`` (create, resume, or find it complete)."""
+    imageset, config = job.imageset, job.config
     n = len(imageset)
     try:
-        writer = RunWriter(out, spec, overwrite=overwrite)
+        writer = RunWriter(out, spec, overwrite=config.overwrite)
     except LayertapError as err:
-        done = None if overwrite else _finished_read_only(out, spec, err)
+        done = None if config.overwrite else _finished_read_only(out, spec, err)
         if done is None:
             raise
         log.info("nothing to do: %s is complete (%d images; read-only)", out, len(done.images))
         return done
     with writer:
         if writer.already_complete and writer.damage:
-            _repair(writer, imageset, tap, settings)
+            _repair(writer, job)
             return Run(out)
         if writer.already_complete:
             done = Run(out)
@@ -585,35 +530,18 @@ def _extract_into(
             )
             return done
         t0 = time.perf_counter()
-        resuming = bool(writer.manifest)  # an unfinished run of this job was found
+        resuming = writer.started  # an unfinished run of this job was found
         # every image listed from the start, so that the committed rows of a run still being written can be named
-        writer.begin({**manifest, "images": images_section(imageset, [])})
+        writer.begin(manifest.updated(images=images_section(imageset, [])))
         start = writer.resume_image
         if resuming:
             log.info("resuming %s: %d of %d images done, %d to go", out, start, n, n - start)
-        first = (start // batch_size) * batch_size  # same batches as the first attempt: same bytes
+        first = (start // config.batch_size) * config.batch_size  # same batches as the first attempt: same bytes
         values = ValueLog(out / VALUES_LOG, start)
         try:
-            _run_batches(
-                tap,
-                imageset,
-                writer,
-                values,
-                dev,
-                use_cl,
-                first,
-                start,
-                batch_size,
-                workers,
-                dtype,
-                on_error,
-                chunk_rows,
-                exif_transpose,
-                draft,
-                progress,
-            )
+            _run_batches(job, writer, values, first=first, start=start, progress=config.progress)
         except LayertapError as err:
-            if err.exit_code == 2 and not resuming:  # bad input found in the first batches: leave no run behind
+            if not isinstance(err, LayertapFailure) and not resuming:  # bad input in the first batches: no run left
                 _discard_unstarted(writer, values)
             raise
         skipped = writer.finish(n)
@@ -622,18 +550,18 @@ def _extract_into(
         if not writer.has_layers and "shard" not in spec:
             first_error = skipped[0][1] if skipped else "no images"
             raise LayertapError(f"none of the {n} images could be decoded (first error: {first_error})")
-        counts = values.summary(list(writer.manifest.get("layers", {})))
+        assert writer.manifest is not None  # begin() set it
+        counts = values.summary(list(writer.manifest.layers))
         values.close()
         writer.complete(
-            {
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "images": images_section(imageset, skipped),
-                "compiled": tap.compiled,
-                "values": counts,
-            }
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            images=images_section(imageset, skipped),
+            compiled=job.tap.compiled,
+            backend={**describe_backend(job.tap.settings["backend"]), "fallback": job.tap.fallback},
+            values=counts,
         )
         values.close(remove=True)
-    warn_values(counts, dtype)
+    warn_values(counts, config.dtype)
     if skipped:
         log.warning("%d of %d images could not be decoded and were skipped (listed in the manifest)", len(skipped), n)
     run = Run(out)
@@ -662,8 +590,9 @@ class _Repair:
     has_layers = True
 
     def __init__(self, writer: RunWriter, n_images: int, chunks: list[int]) -> None:
+        assert writer.manifest is not None and writer.manifest.images is not None  # a complete run
         self.writer, self.manifest = writer, writer.manifest
-        skipped = {int(sk["index"]) for sk in writer.manifest["images"]["skipped"]}
+        skipped = {int(sk["index"]) for sk in writer.manifest.images["skipped"]}
         stored = [i for i in range(n_images) if i not in skipped]  # row -> image: skips leave gaps
         step = writer.chunk_rows
         self.want: dict[int, tuple[int, int]] = {}  # image -> (chunk, row in the chunk)
@@ -697,19 +626,15 @@ class _Repair:
             raise _RepairDone
 
 
-def _repair(writer: RunWriter, imageset: ImageSet, tap: Extractor, settings: tuple[Any, ...]) -> None:
+def _repair(writer: RunWriter, job: Job) -> None:
     """Recompute and rewrite the damaged chunks of a complete run (found by the check on open):
     the same batches as the original run, so the repaired run is byte-identical to it."""
-    dev, use_cl, batch_size, workers, dtype, on_error, chunk_rows, exif_transpose, draft, _ = settings
     chunks = sorted({c for ch in writer.damage.values() for c in ch})
-    sink = _Repair(writer, len(imageset), chunks)
+    sink = _Repair(writer, len(job.imageset), chunks)
     log.info("%s: recomputing %d damaged chunk(s): %s", writer.path, len(chunks), ", ".join(map(str, chunks)))
-    first = (sink.first_image // batch_size) * batch_size
+    first = (sink.first_image // job.config.batch_size) * job.config.batch_size
     try:
-        _run_batches(
-            tap, imageset, sink, sink, dev, use_cl, first, sink.first_image, batch_size, workers, dtype,
-            on_error, chunk_rows, exif_transpose, draft, False,
-        )  # fmt: skip
+        _run_batches(job, sink, sink, first=first, start=sink.first_image, progress=False)
     except _RepairDone:
         pass
     if sink.want:
@@ -740,11 +665,19 @@ def _finished_read_only(out: Path, spec: dict[str, Any], err: LayertapError) -> 
         run = Run(out)
     except (LayertapError, OSError, ValueError):
         return None
-    return run if run.complete and run.manifest.get("spec") == spec else None
+    return run if run.complete and run.manifest.spec == spec else None
 
 
-def images_section(imageset: ImageSet, skipped: list[tuple[int, str]]) -> dict[str, Any]:
-    """The manifest's ``images``: one row per stored row (path, target, class) and the skipped."""
+def images_section(imageset: ImageSet, skipped: list[tuple[int, str]]) -> ImagesSection:
+    """The manifest's ``images``: one row per stored row (path, target, class) and the skipped.
+
+    Args:
+        imageset: the stimuli of the run.
+        skipped: (image index, reason) of the images that could not be decoded.
+
+    Returns:
+        The section (rows in image order, skipped images left out of them).
+    """
     skipped_set = {i for i, _ in skipped}
     rows = []
     for i, path in enumerate(imageset.paths):
@@ -779,7 +712,7 @@ def _mixed_sizes(imageset: ImageSet, i: int, a: tuple[int, ...], j: int, b: tupl
     )
 
 
-def _check_shapes(feats: dict[str, torch.Tensor], layers: dict[str, dict[str, Any]]) -> None:
+def _check_shapes(feats: dict[str, torch.Tensor], layers: dict[str, LayerInfo]) -> None:
     """Refuse a batch whose outputs differ in name or shape from the arrays created for the first one."""
     for key in sorted(set(feats) | set(layers)):
         if key not in feats or key not in layers:
@@ -811,6 +744,14 @@ class ValueLog:
     rows are handed to the writer, so after a kill the log covers every committed row; a resumed
     run keeps the entries below its resume point and recounts the rest. :meth:`summary` gives the
     manifest's ``values`` section.
+
+    Args:
+        path: the log file (``out/values.jsonl``).
+        start: the resume point: entries of images before it are kept, the rest recounted.
+
+    Example:
+        >>> log = ValueLog(Path("run/values.jsonl"), start=0)
+        >>> log.count({"fc": out}, {"fc": out.half()}, rows=[0, 1]); log.summary(["fc"])["nonfinite"]
     """
 
     def __init__(self, path: Path, start: int) -> None:
@@ -849,8 +790,8 @@ class ValueLog:
             return
         lines = []
         for k, b, bs in zip(keys, bad, bad_stored, strict=True):
-            b, over = b.cpu().tolist(), (bs - b).cpu().tolist()
-            for i, nf, ov in zip(rows, b, over, strict=True):
+            nonfinite, over = b.cpu().tolist(), (bs - b).cpu().tolist()
+            for i, nf, ov in zip(rows, nonfinite, over, strict=True):
                 if nf or ov:
                     self.entries[(i, k)] = (nf, ov)
                     lines.append(self._line(i, k, nf, ov))
@@ -890,7 +831,12 @@ class ValueLog:
 
 
 def warn_values(values: dict[str, Any], dtype: str) -> None:
-    """One warning line per layer with NaN/inf or storage overflow (counts from :meth:`ValueLog.summary`)."""
+    """One warning line per layer with NaN/inf or storage overflow.
+
+    Args:
+        values: the counts, from :meth:`ValueLog.summary` (the manifest's ``values``).
+        dtype: the storage dtype (named in the overflow advice).
+    """
     for layer, n in values.get("nonfinite", {}).items():
         if n:
             log.warning(
@@ -912,45 +858,63 @@ def warn_values(values: dict[str, Any], dtype: str) -> None:
             )
 
 
+def _layer_info(tap: Extractor, feats: dict[str, torch.Tensor]) -> dict[str, LayerInfo]:
+    """The manifest's ``layers`` entries for the first batch's outputs: module, shape, reducer, layout."""
+    info: dict[str, LayerInfo] = {}
+    for key, t in feats.items():
+        layer = key.split("#")[0]
+        info[key] = {"module": layer, "shape": list(t.shape[1:])}
+        reducer = tap.reducers[layer]
+        if tap.reduced.get(layer) and reducer.kind != "none":
+            info[key]["reduce"] = reducer.spec
+        elif reducer.kind == "projection":  # D <= K units: nothing to reduce, say so
+            units = math.prod(t.shape[1:])
+            info[key]["reduce_skipped"] = f"{reducer.spec}: {units} units <= {reducer.max_units}"
+        if layer in tap.layout_used:  # the tapped map's axes; spatial reducers store (C, ...)
+            info[key]["layout"] = tap.layout_used[layer]
+    return info
+
+
+def _batches(job: Job, first: int) -> Any:
+    """The job's batches from image ``first`` on (videos and arrays decode their own rows)."""
+    c, imageset, transform = job.config, job.imageset, job.tap.model.transform
+    pin = job.device.type == "cuda"
+    own_batches = getattr(imageset, "iter_batches", None)
+    if own_batches is not None:
+        return own_batches(transform, c.batch_size, start=first, workers=c.workers, pin_memory=pin)
+    return iter_batches(
+        imageset.paths,
+        transform,
+        c.batch_size,
+        start=first,
+        workers=c.workers,
+        pin_memory=pin,
+        exif_transpose=c.exif_transpose,
+        draft=job.draft,
+    )
+
+
 def _run_batches(
-    tap: Extractor,
-    imageset: ImageSet,
-    writer: RunWriter,
-    values: ValueLog,
-    dev: torch.device,
-    use_cl: bool,
-    first: int,
-    start: int,
-    batch_size: int,
-    workers: int | None,
-    dtype: str,
-    on_error: str,
-    chunk_rows: int | None,
-    exif_transpose: bool,
-    draft: int | None,
-    progress: bool,
+    job: Job, writer: RunWriter | _Repair, values: ValueLog | _Repair, *, first: int, start: int, progress: bool
 ) -> None:
+    """The batch loop: decode from image ``first`` on, tap, check, and hand rows from ``start`` on to ``writer``.
+
+    Args:
+        job: the prepared job.
+        writer: the run writer (or the repair sink, which keeps only damaged chunks' rows).
+        values: where non-finite / overflowing values are counted.
+        first: the first image decoded (a batch boundary: the same batches as the first attempt).
+        start: the first image stored (the resume point).
+        progress: show a progress bar.
+    """
     from tqdm.auto import tqdm
 
+    tap, imageset, c = job.tap, job.imageset, job.config
     n = len(imageset)
-    own_batches = getattr(imageset, "iter_batches", None)  # videos and arrays decode their own rows
-    if own_batches is not None:
-        batches = own_batches(tap.model.transform, batch_size, start=first, workers=workers, pin_memory=dev.type == "cuda")
-    else:
-        batches = iter_batches(
-            imageset.paths,
-            tap.model.transform,
-            batch_size,
-            start=first,
-            workers=workers,
-            pin_memory=dev.type == "cuda",
-            exif_transpose=exif_transpose,
-            draft=draft,
-        )
     bar = tqdm(total=n, initial=start, unit="img", desc="extract", disable=None if progress else True, smoothing=0.1)
     input_shape: tuple[int, ...] | None = None
     with tap, bar:
-        for batch in batches:
+        for batch in _batches(job, first):
             if batch.mixed_shapes:
                 (i, a), (j, b) = batch.mixed_shapes
                 raise LayertapError(_mixed_sizes(imageset, i, a, j, b))
@@ -958,7 +922,7 @@ def _run_batches(
                 if idx < start:
                     continue  # recorded by the interrupted attempt
                 path = imageset.paths[idx]
-                if on_error == "fail":
+                if c.on_error == "fail":
                     raise LayertapError(f"cannot decode {path}: {reason} (use --on-error skip to skip such images)")
                 log.warning("skipping %s: %s", path, reason)
                 writer.skip(idx, reason)
@@ -968,33 +932,23 @@ def _run_batches(
                 elif tuple(batch.images.shape[1:]) != input_shape:
                     shape = tuple(batch.images.shape[1:])
                     raise LayertapError(_mixed_sizes(imageset, first_image, input_shape, batch.indices[0], shape))
-                x = batch.images.to(dev, non_blocking=True)
-                if use_cl and x.ndim == 4:
+                x = batch.images.to(job.device, non_blocking=True)
+                if job.channels_last and x.ndim == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 batch.images = x  # no second copy of the batch alive during the forward
                 feats = tap(x)
                 keep = [k for k, i in enumerate(batch.indices) if i >= start]
                 if not writer.has_layers:
-                    info: dict[str, dict[str, Any]] = {}
-                    for key, t in feats.items():
-                        layer = key.split("#")[0]
-                        info[key] = {"module": layer, "shape": list(t.shape[1:])}
-                        reducer = tap.reducers[layer]
-                        if tap.reduced.get(layer) and reducer.kind != "none":
-                            info[key]["reduce"] = reducer.spec
-                        elif reducer.kind == "projection":  # D <= K units: nothing to reduce, say so
-                            units = math.prod(t.shape[1:])
-                            info[key]["reduce_skipped"] = f"{reducer.spec}: {units} units <= {reducer.max_units}"
-                        if layer in tap.layout_used:  # the tapped map's axes; spatial reducers store (C, ...)
-                            info[key]["layout"] = tap.layout_used[layer]
-                    writer.create_layers(info, n, dtype, chunk_rows)
+                    assert isinstance(writer, RunWriter)  # a repair's run has its layers
+                    writer.create_layers(_layer_info(tap, feats), n, c.dtype, c.chunk_rows)
                 else:
-                    _check_shapes(feats, writer.manifest["layers"])
+                    assert writer.manifest is not None  # it has layers
+                    _check_shapes(feats, writer.manifest.layers)
                 if len(keep) < len(batch.indices):
                     feats = {k: t[keep] for k, t in feats.items()}
                 rows = [batch.indices[k] for k in keep]
-                stored = {k: t.to(STORAGE_TORCH[dtype]) for k, t in feats.items()}  # a no-op for float32
+                stored = {k: t.to(STORAGE_TORCH[c.dtype]) for k, t in feats.items()}  # a no-op for float32
                 values.count(feats, stored, rows)  # before add(): the log covers every row a commit covers
-                writer.add({k: to_storage(t, dtype) for k, t in stored.items()}, rows)
+                writer.add({k: to_storage(t, c.dtype) for k, t in stored.items()}, rows)
                 del stored
             bar.update(sum(1 for i in batch.indices if i >= start) + sum(1 for i, _ in batch.failed if i >= start))

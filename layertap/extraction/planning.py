@@ -16,19 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layertap.errors import LayertapError
+import torch
 
-#: bytes per stored value, by storage dtype (bfloat16 is stored as its 16-bit pattern)
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def human_bytes(n: float) -> str:
-    """``n`` bytes as a short decimal string (kB, MB, GB, TB)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover - the loop always returns
+from layertap._optional import require
+from layertap.data.images import default_workers, iter_batches
+from layertap.errors import StorageError
+from layertap.extraction.pipeline import ExtractConfig, prepare
+from layertap.extraction.tap import Extractor
+from layertap.store.blocks import ITEMSIZE
+from layertap.units import human_bytes
 
 
 def human_seconds(s: float) -> str:
@@ -54,7 +50,12 @@ class LayerPlan:
 
 @dataclass
 class Plan:
-    """What a run will store and take. ``free_bytes`` is the free space where ``out`` will be."""
+    """What a run will store and take. ``free_bytes`` is the free space where ``out`` will be.
+
+    Example:
+        >>> p = lt.plan("resnet18", "photos/", ["avgpool"], out="runs/", weights="random")
+        >>> p.total_bytes, p.fits, p.estimated_seconds
+    """
 
     model: str
     n_images: int
@@ -89,8 +90,6 @@ class Plan:
 
     def to_pandas(self) -> Any:
         """The per-layer table as a ``pandas.DataFrame`` (one row per stored array)."""
-        from layertap.models.registry import require
-
         pd = require("pandas", "labels")
         return pd.DataFrame(
             [
@@ -117,7 +116,7 @@ class Plan:
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
         head = f"plan: {self.model}, {self.n_images} images, {self.dtype}"
         tail = []
-        if self.estimated_seconds is not None:
+        if self.estimated_seconds is not None and self.seconds_per_image is not None:
             tail.append(
                 f"estimated time: {human_seconds(self.estimated_seconds)} "
                 f"({self.seconds_per_image * 1000:.1f} ms per image, timed on a probe batch on this machine)"
@@ -143,7 +142,7 @@ def check_space(p: Plan, yes: bool = False) -> None:
     """Refuse a run whose arrays would not fit the free space, unless ``yes``.
 
     Raises:
-        LayertapError: (exit code 1) naming the sizes and the smallest suggested ``--reduce``.
+        StorageError: naming the sizes and the smallest suggested ``--reduce``.
     """
     if p.fits or yes:
         return
@@ -152,10 +151,9 @@ def check_space(p: Plan, yes: bool = False) -> None:
     if fitting:
         spec, size = min(fitting, key=lambda s: -s[1])
         hint = f"; e.g. --reduce {spec} stores {human_bytes(size)}"
-    raise LayertapError(
+    raise StorageError(
         f"the run needs {human_bytes(p.total_bytes)} but {p.out} has {human_bytes(p.free_bytes or 0)} free"
-        f"{hint}; see 'layertap plan', or pass --yes to start anyway",
-        exit_code=1,
+        f"{hint}; see 'layertap plan', or pass --yes to start anyway"
     )
 
 
@@ -207,13 +205,18 @@ def plan(
     seed: int = 0,
     things: bool = False,
     fold_bn: bool = True,
+    backend: str = "auto",
     probe: int = 8,
 ) -> Plan:
-    """Plan :func:`layertap.extraction` with the same arguments, without writing anything.
+    """Plan :func:`layertap.extract` with the same arguments, without writing anything.
+
+    The model, stimuli, layers and tap are made by the same :func:`layertap.extraction.pipeline.prepare`
+    step as an extraction's.
 
     Args:
         model, images, layers, out, weights, batch_size, device, workers, flatten, reduce, dtype,
-            fraction, seed, things, fold_bn: as for :func:`layertap.extraction`.
+            fraction, seed, things, fold_bn, backend: as for :func:`layertap.extract` (an engine
+            backend exports the model for the probe, once: the export is cached for the run).
         probe: images in the timed probe batch (at most ``batch_size`` and the number of images);
             0 skips the timing and runs one blank image for the shapes only.
 
@@ -221,32 +224,31 @@ def plan(
         A :class:`Plan`: per layer stored shape and bytes, totals, the estimated time (decode +
         forward of the probe batch, timed after a warm-up pass, scaled to all images), the free
         space at ``out`` and smaller ``--reduce`` alternatives.
+
+    Raises:
+        LayertapError: as :func:`layertap.extract` does for bad settings, layers or stimuli.
+
+    Example:
+        >>> p = lt.plan("resnet18", "photos/", ["layer3"], out="runs/", reduce="avg")
+        >>> print(p)  # per layer shape and bytes, estimated time, free space
     """
-    import torch
-
-    from layertap.data.images import iter_batches
-    from layertap.extraction.layers import resolve_layers
-    from layertap.extraction.pipeline import Extractor, fold_untapped, prepare_module, resolve_device
-    from layertap.models.registry import as_loaded, load_model
-    from layertap.store.run import STORAGE_DTYPES
-
-    if dtype not in STORAGE_DTYPES:
-        raise LayertapError(f"unknown dtype '{dtype}'; choose one of {', '.join(STORAGE_DTYPES)}")
-    loaded = load_model(model, weights, seed=seed) if isinstance(model, str) else as_loaded(model)
-    if hasattr(images, "paths") and hasattr(images, "fingerprint"):
-        imageset = images
-    else:
-        from layertap.data.stimuli import open_stimuli
-
-        imageset = open_stimuli(images, things=things, model=loaded)
-    if fraction is not None:
-        imageset = imageset.subset(fraction, seed)
+    config = ExtractConfig(
+        weights=weights,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        flatten=flatten,
+        reduce=reduce,
+        dtype=dtype,
+        fraction=fraction,
+        seed=seed,
+        things=things,
+        fold_bn=fold_bn,  # the run's speed, not its shapes, depends on it
+        backend=backend if probe else "torch",  # shapes only: no engine export for them
+    )
+    job = prepare(model, images, layers, config)
+    loaded, imageset, tap, dev = job.model, job.imageset, job.tap, job.device
     n = len(imageset)
-    names = resolve_layers(loaded, layers)
-    dev = resolve_device(device)
-    if fold_bn:  # the run's speed, not its shapes, depends on it
-        loaded, _ = fold_untapped(loaded, names)
-    use_cl = prepare_module(loaded.module, dev, "auto")
     k = min(probe, batch_size, n)
     seconds = None
     if k > 0:
@@ -265,9 +267,8 @@ def plan(
     else:
         x = torch.zeros((1, *loaded.input_size))
     x = x.to(dev)
-    if use_cl and x.ndim == 4:
+    if job.channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    tap = Extractor(loaded, names, flatten=flatten, reduce=reduce)
     overhead = 0.0
     with tap:
         t0 = time.perf_counter()
@@ -278,15 +279,13 @@ def plan(
             feats = tap(x)
             forward = (time.perf_counter() - t0) / k
             overhead = max(0.0, warm - forward * k)
-            from layertap.data.images import default_workers
-
             decoders = default_workers() if workers is None else workers
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             # Decoding workers run beside the model: with cores to spare the slower of the two paces
             # the run; on a small machine (<= 2 cores) they share the cores, so the times add up.
             seconds = max(forward, decode / decoders) if decoders and cores > 2 else forward + decode
     if flatten:  # the unflattened shapes need a second pass
-        with Extractor(loaded, names) as plain:
+        with Extractor(tap.running, tap.layers) as plain:
             raw = {key: tuple(t.shape[1:]) for key, t in plain(x[:1]).items()}
     else:  # only unreduced layers' raw shapes are used, and those are what the tap gave
         raw = {key: tuple(t.shape[1:]) for key, t in feats.items()}

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from layertap.errors import LayertapError
+from layertap.globs import glob_regex, is_pattern
+from layertap.process.projection import SparseRandomProjection
 
 TOKEN_SPECS = ("cls", "mean", "cls+mean", "tokens")
 
@@ -114,8 +116,6 @@ def parse_reducer(spec: str | None) -> Reducer:
 
 
 def _srp_reducer(spec: str, k: int, seed: int) -> Reducer:
-    from layertap.process.postprocess import SparseRandomProjection
-
     # The matrix depends only on (seed, input width, k), is built once per width and device,
     # and is applied on the device: a 200k-unit conv map leaves the GPU as k numbers per image.
     projection = SparseRandomProjection(k, seed=seed)
@@ -126,11 +126,9 @@ def reducer_for(layer: str, reduce: str | dict[str, str] | None) -> Reducer:
     """The reducer for ``layer``: one spec for all layers, or the first matching ``{pattern: spec}``."""
     if reduce is None or isinstance(reduce, str):
         return parse_reducer(reduce)
-    from layertap.extraction.layers import _glob_regex, is_pattern
-
     base = layer.split("#")[0]
     for pattern, spec in reduce.items():
-        if pattern == base or (is_pattern(pattern) and _glob_regex(pattern).match(base)):
+        if pattern == base or (is_pattern(pattern) and glob_regex(pattern).match(base)):
             return parse_reducer(spec)
     return parse_reducer(None)
 

@@ -1,6 +1,6 @@
 """The model catalogue behind ``layertap models``: names, published weights, the extra to install.
 
-Listing timm, open_clip and transformers means importing them (~10 s together), so each source's
+Listing timm, open_clip and transformers means importing them (seconds), so each source's
 entries are cached on disk, keyed by the versions of layertap, torch/torchvision and the source's
 package: a second listing reads a small JSON file per source. A new version of any of them is a new
 key, so a stale list is never shown; ``refresh=True`` (``layertap models --refresh``) rebuilds it.
@@ -14,7 +14,9 @@ import os
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+
+from layertap._version import __version__
+from layertap.models.registry import Source, installed_sources
 
 log = logging.getLogger("layertap")
 
@@ -32,47 +34,16 @@ class ModelEntry:
             exists only untrained, None when the source cannot tell without loading it.
         extra: the ``pip install 'layertap[extra]'`` the source needs (None: core).
         info: type, training data and details, where the source knows them.
+
+    Example:
+        >>> ModelEntry("ipcl:ipcl1", pretrained=True, extra=None, info="ipcl | ImageNet | primary model").name
+        'ipcl:ipcl1'
     """
 
     name: str
     pretrained: bool | None
     extra: str | None
     info: str = ""
-
-
-def pretrained_names(source: Any) -> set[str] | None:
-    """Names of ``source``'s models that have published weights (``weights="pretrained"`` loads them),
-    or None when the source cannot tell without loading each model.
-
-    Args:
-        source: a :class:`layertap.models.Source`.
-
-    Returns:
-        A set of names as ``source.list_models()`` spells them, or None.
-    """
-    name = source.name
-    if name == "torchvision":
-        import torchvision.models as tvm
-
-        out = set()
-        for model in source.list_models():
-            try:
-                if list(tvm.get_model_weights(model)):
-                    out.add(model)
-            except (ValueError, KeyError):
-                continue
-        return out
-    if name == "timm":
-        return {n.split(".", 1)[0] for n in source.lib().list_pretrained()}
-    if name == "clip":
-        return {n for n, _tag in source.lib().list_pretrained()}
-    if name == "hf":
-        return {n for n in source.list_models() if "/" in n}  # hub checkpoints; bare types are untrained
-    if name == "ipcl":
-        from layertap.models.sources.ipcl import CONFIGS
-
-        return {n for n, cfg in CONFIGS.items() if cfg.get("url")}
-    return None
 
 
 def _version(dist: str) -> str:
@@ -82,10 +53,20 @@ def _version(dist: str) -> str:
         return "none"
 
 
-def cache_file(source: Any) -> Path:
-    """Where ``source``'s list is cached: ``$XDG_CACHE_HOME/layertap/models/<source>-<versions>.json``."""
-    from layertap import __version__
+def cache_file(source: Source) -> Path:
+    """Where ``source``'s list is cached: ``$XDG_CACHE_HOME/layertap/models/<source>-<versions>.json``.
 
+    Args:
+        source: the source.
+
+    Returns:
+        The file's path (keyed by the versions of layertap, torch, torchvision and the source's package).
+
+    Example:
+        >>> from layertap.models.registry import installed_sources
+        >>> cache_file(installed_sources("ipcl")[0]).name.startswith("ipcl-")
+        True
+    """
     parts = [source.name, __version__, _version("torch"), _version("torchvision")]
     if source.package is not None:
         parts.append(_version(_DISTRIBUTIONS.get(source.package, source.package)))
@@ -93,8 +74,8 @@ def cache_file(source: Any) -> Path:
     return base / "layertap" / "models" / ("-".join(parts).replace(os.sep, "_") + ".json")
 
 
-def _build(source: Any) -> list[ModelEntry]:
-    have = pretrained_names(source)
+def _build(source: Source) -> list[ModelEntry]:
+    have = source.pretrained_names()
     out = []
     for model in source.list_models():
         info = source.model_info(model)
@@ -103,15 +84,20 @@ def _build(source: Any) -> list[ModelEntry]:
     return out
 
 
-def source_entries(source: Any, *, refresh: bool = False) -> list[ModelEntry]:
+def source_entries(source: Source, *, refresh: bool = False) -> list[ModelEntry]:
     """Every model of one (installed) source, from the on-disk cache when it is current.
 
     Args:
-        source: a :class:`layertap.models.Source` whose package is installed.
+        source: a :class:`~layertap.models.registry.Source` whose package is installed.
         refresh: rebuild the list (and the cache) even when a cached one exists.
 
     Returns:
         The source's models in ``source.list_models()`` order.
+
+    Example:
+        >>> from layertap.models.registry import installed_sources
+        >>> source_entries(installed_sources("ipcl")[0])[0].name  # doctest: +SKIP
+        'ipcl:alexnet_gn'
     """
     path = cache_file(source)
     if not refresh:
@@ -144,6 +130,4 @@ def model_catalog(source: str | None = None, *, refresh: bool = False) -> list[M
         >>> [e.name for e in model_catalog("ipcl")][:2]  # doctest: +SKIP
         ['ipcl:alexnet_gn', 'ipcl:ipcl1']
     """
-    from layertap.models.registry import installed_sources
-
     return [e for s in installed_sources(source) for e in source_entries(s, refresh=refresh)]

@@ -1,8 +1,9 @@
 """Models: one registry of sources, one entry point (:func:`load_model`), one loaded-model record.
 
-A *source* (torchvision, later timm, CLIP, ...) is a small module under ``layertap.sources`` that
-calls :func:`register_source` when imported. Everything else — names, weights, transforms,
-provenance — goes through the functions here, so every source behaves the same way:
+A *source* (torchvision, timm, CLIP, ...) is a small module under :mod:`layertap.models.sources` that
+calls :func:`register_source` when imported. Everything else goes through one path, so every source behaves
+the same way: names and loading here, weights and their provenance in :mod:`.weights`, preprocessing in
+:mod:`.transforms`:
 
 * ``weights="pretrained"`` loads the source's published weights through its own download/cache
   path and **never** falls back to random weights when that fails;
@@ -13,44 +14,55 @@ provenance — goes through the functions here, so every source behaves the same
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
-from layertap.errors import LayertapError, close_matches, option_spelling
-from layertap.hashing import file_sha256
-
-Transform = Callable[[Any], torch.Tensor]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from layertap._optional import package_available, require
+from layertap.errors import LayertapError, MissingDependencyError, close_matches
+from layertap.models.transforms import Transform, describe_transform, imagenet_transform
+from layertap.models.weights import (
+    File,
+    Weights,
+    apply_state_dict,
+    check_seed,
+    read_state_dict,
+    weights_provenance,
+    weights_spec,
+)
 
 
 @dataclass
 class LoadedModel:
     """A model ready for extraction: the module (eval mode, CPU), its preprocessing, its provenance.
 
-    ``transform`` maps one RGB ``PIL.Image`` to a float tensor of shape ``input_size`` (C, H, W).
-    ``provenance`` says exactly what was loaded (source, name, weights id or file sha256,
-    transform) and is copied verbatim into every run's manifest.
+    Attributes:
+        module: the ``nn.Module``, in eval mode.
+        transform: one RGB ``PIL.Image`` -> a float tensor of shape ``input_size``: (C, H, W), or (C, T, H, W)
+            for video models (clips of T frames; their transform takes (T, C, H, W) uint8 frames).
+        name: ``source:name``.
+        input_size: the input's shape without the batch dimension.
+        provenance: exactly what was loaded (source, name, weights id or file sha256, transform), copied
+            verbatim into every run's manifest.
+
+    Example:
+        >>> m = load_model("resnet18", "random")
+        >>> sorted(m.provenance)
+        ['input_size', 'name', 'source', 'transform', 'weights']
     """
 
     module: nn.Module
     transform: Transform
     name: str
-    input_size: tuple[int, int, int] = (3, 224, 224)
+    input_size: tuple[int, ...] = (3, 224, 224)
     provenance: dict[str, Any] = field(default_factory=dict)
     #: tokens before the patch tokens in transformer outputs (class + register tokens)
     num_prefix_tokens: int = 0
@@ -68,60 +80,6 @@ class LoadedModel:
         self.provenance.setdefault("input_size", list(self.input_size))
 
 
-def require(package: str, extra: str) -> Any:
-    """Import an optional package, or fail with the one-line install hint."""
-    import importlib
-
-    try:
-        return importlib.import_module(package)
-    except ImportError:
-        raise LayertapError(
-            f"this needs the '{package}' package: pip install 'layertap[{extra}]'", exit_code=1
-        ) from None
-
-
-def package_available(package: str) -> bool:
-    import importlib.util
-    import sys
-
-    if package in sys.modules:
-        return sys.modules[package] is not None  # None: import blocked on purpose
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _short_reason(err: BaseException, limit: int = 160) -> str:
-    """One short clause for why a download failed: 'offline' in plain words, else the message cut at a word."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    low = text.lower()
-    offline_words = ("local cache", "offline", "name resolution", "network is unreachable", "connection")
-    if any(w in low for w in offline_words):
-        return "not in the local cache, and the internet cannot be reached"
-    if len(text) > limit:
-        text = text[:limit].rsplit(" ", 1)[0] + " ..."
-    return text
-
-
-def weights_unavailable(what: str, err: BaseException, where: str) -> LayertapError:
-    """The one error for published weights that cannot be had (network, hub, cache or hash failure).
-
-    Args:
-        what: what could not be loaded, e.g. ``"CLIP weights ViT-B-32/openai"``.
-        err: the library's exception (shortened to one clause, never cut mid-word).
-        where: how to get them (e.g. where to put the file). Never followed by random weights.
-
-    Returns:
-        The error to raise (exit code 1: the environment, not the input).
-    """
-    return LayertapError(
-        f"cannot load {what} ({_short_reason(err)}); {where}; "
-        f"use {option_spelling('weights', 'random')} only if you want an untrained model",
-        exit_code=1,
-    )
-
-
 @contextmanager
 def library_root_logging() -> Iterator[None]:
     """Keep libraries that log through the root logger (open_clip's ``logging.error``) from configuring it.
@@ -129,6 +87,13 @@ def library_root_logging() -> Iterator[None]:
     A bare ``logging.error(...)`` with no root handler calls ``logging.basicConfig()``, which prints
     ``ERROR:root:...`` lines before layertap's own one-line error. A temporary NullHandler prevents
     that; a root logger the user configured is left as it is.
+
+    Yields:
+        Nothing: the guard holds while the ``with`` block runs.
+
+    Example:
+        >>> with library_root_logging():
+        ...     logging.error("seen by no one")  # no basicConfig, no ERROR:root line
     """
     root = logging.getLogger()
     guard = logging.NullHandler() if not root.handlers else None
@@ -141,8 +106,54 @@ def library_root_logging() -> Iterator[None]:
             root.removeHandler(guard)
 
 
+@dataclass
+class Built:
+    """What a source's :meth:`Source.build` hands to the shared finishing step of :meth:`Source.load`.
+
+    Attributes:
+        module: the model (for a :class:`~layertap.models.weights.File`, still with its initial weights).
+        transform: its preprocessing.
+        input_size: the input's shape without the batch dimension.
+        weights_id: the full id of the published weights it loaded (e.g. ``ResNet50_Weights.IMAGENET1K_V2``).
+        extra: source-specific provenance (config, URL, data config, ...), added to the record.
+        weights_target: where a weights file is loaded (default ``module``; CLIP: the full image+text model
+            while ``module`` is its image tower).
+        recorded: the weights record when the source knows better than the weights asked for (ipcl16's
+            published weights are the untrained control; a custom factory's own weights), else None.
+        fields: other :class:`LoadedModel` fields (``num_prefix_tokens``, ``layer_aliases``, ...).
+
+    Example:
+        >>> Built(nn.Linear(4, 2), transform=lambda x: x, input_size=(4,)).weights_id is None
+        True
+    """
+
+    module: nn.Module
+    transform: Transform
+    input_size: tuple[int, ...]
+    weights_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    weights_target: nn.Module | None = None
+    recorded: dict[str, Any] | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
 class Source(ABC):
-    """A family of models that :func:`load_model` can build by name."""
+    """A family of models that :func:`load_model` can build by name: one small adapter per model library.
+
+    :meth:`load` is the same for every source (a template method): the source's :meth:`build` makes the
+    architecture with the weights asked for (published ones through its own download/cache path, or a seeded
+    initialisation), then :func:`finish_loading` loads a weights file, records provenance and freezes the model.
+
+    Example:
+        >>> from layertap.models.weights import Random, seeded_build
+        >>> class Tiny(Source):
+        ...     name = "tiny"
+        ...     def list_models(self): return ["mlp"]
+        ...     def build(self, name, weights, seed, **options):
+        ...         return Built(seeded_build(lambda: nn.Linear(4, 2), seed), lambda x: x, (4,))
+        >>> Tiny().load("mlp", Random(), seed=0).provenance["weights"]
+        {'kind': 'random', 'seed': 0}
+    """
 
     name: str = ""
     description: str = ""
@@ -155,8 +166,27 @@ class Source(ABC):
         """Model names this source can build (without the ``source:`` prefix)."""
 
     @abstractmethod
-    def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
-        """Build ``name`` with ``weights`` ('pretrained', 'random', a weights id, or a file)."""
+    def build(self, name: str, weights: Weights, seed: int, **options: Any) -> Built:
+        """Build ``name``: published weights for :class:`~layertap.models.weights.Pretrained`, else the
+        architecture initialised from ``seed`` (a :class:`~layertap.models.weights.File` is loaded afterwards)."""
+
+    def load(self, name: str, weights: Weights, seed: int, **options: Any) -> LoadedModel:
+        """Build ``name`` with ``weights`` and finish it the same way for every source.
+
+        Args:
+            name: the model's name in this source (no ``source:`` prefix).
+            weights: what to load.
+            seed: the seed of the initialisation.
+            **options: the source's own options.
+
+        Returns:
+            The loaded model (eval mode, gradients off) with its provenance.
+
+        Example:
+            >>> load_model("ipcl:alexnet_gn", "random").provenance["weights"]
+            {'kind': 'random', 'seed': 0}
+        """
+        return finish_loading(self.build(name, weights, seed, **options), f"{self.name}:{name}", weights, seed)
 
     def available(self) -> bool:
         """Whether the source's package is installed (sources without one always are)."""
@@ -174,12 +204,39 @@ class Source(ABC):
         """Extra metadata shown by ``layertap models`` (training data, paper, ...)."""
         return {}
 
+    def pretrained_names(self) -> set[str] | None:
+        """Names (as :meth:`list_models` spells them) that have published weights: ``weights="pretrained"``
+        loads them. None (the default) when the source cannot tell without loading each model."""
+        return None
+
 
 _SOURCES: dict[str, Source] = {}
 
 
 def register_source(source: Source) -> Source:
-    """Add a source to the registry (called by each ``layertap.sources`` module on import)."""
+    """Add a source to the registry (each :mod:`layertap.models.sources` module calls it on import).
+
+    A source registered later with the same name replaces the earlier one; bare model names are looked
+    up in registration order.
+
+    Args:
+        source: the source; its ``name`` is the ``source:`` prefix of its models.
+
+    Returns:
+        ``source`` itself (so a module can write ``MY = register_source(MySource())``).
+
+    Example:
+        >>> from layertap.models.weights import seeded_build
+        >>> class Tiny(Source):
+        ...     name = "tiny"
+        ...     def list_models(self): return ["mlp"]
+        ...     def build(self, name, weights, seed, **options):
+        ...         return Built(seeded_build(lambda: nn.Linear(4, 2), seed), lambda x: x, (4,))
+        >>> _ = register_source(Tiny())
+        >>> load_model("tiny:mlp", "random").provenance["weights"]
+        {'kind': 'random', 'seed': 0}
+        >>> del _SOURCES["tiny"]
+    """
     _SOURCES[source.name] = source
     return source
 
@@ -190,11 +247,35 @@ def _sources() -> dict[str, Source]:
 
 
 def list_sources() -> list[str]:
+    """The names of the registered sources, installed or not, in lookup order.
+
+    Returns:
+        Source names, e.g. ``["torchvision", "ipcl", "custom", "timm", "clip", "hf"]``.
+
+    Example:
+        >>> list_sources()[:2]
+        ['torchvision', 'ipcl']
+    """
     return list(_sources())
 
 
 def installed_sources(source: str | None = None) -> list[Source]:
-    """The installed sources, or just ``source`` (an unknown or uninstalled one is a one-line error)."""
+    """The installed sources, or just ``source``.
+
+    Args:
+        source: one source's name, or None for every source whose package is installed.
+
+    Returns:
+        The sources, in lookup order.
+
+    Raises:
+        LayertapError: an unknown source.
+        MissingDependencyError: ``source``'s package is not installed.
+
+    Example:
+        >>> [s.name for s in installed_sources("ipcl")]
+        ['ipcl']
+    """
     srcs = _sources()
     if source is None:
         return [s for s in srcs.values() if s.available()]
@@ -206,19 +287,50 @@ def installed_sources(source: str | None = None) -> list[Source]:
 
 
 def list_models(source: str | None = None) -> list[str]:
-    """All loadable model names as ``source:name``, optionally for one source only."""
+    """All loadable model names as ``source:name``, of the installed sources or of one source.
+
+    Args:
+        source: one source's name, or None for every installed source.
+
+    Returns:
+        Names as :func:`load_model` takes them, sources in lookup order.
+
+    Raises:
+        LayertapError: ``source`` is unknown.
+        MissingDependencyError: ``source``'s package is not installed.
+
+    Example:
+        >>> list_models("ipcl")[:2]
+        ['ipcl:alexnet_gn', 'ipcl:ipcl1']
+    """
     return [f"{s.name}:{m}" for s in installed_sources(source) for m in s.list_models()]
 
 
 def resolve_model_name(name: str) -> tuple[Source, str]:
-    """Split ``'source:name'`` (or find the source of a bare name) into (source, name)."""
+    """Split ``'source:name'`` (or find the source of a bare name) into (source, name).
+
+    Args:
+        name: ``source:name``, or a bare name (the first installed source that has it).
+
+    Returns:
+        The source and the name within it.
+
+    Raises:
+        LayertapError: an unknown model (with close matches).
+        MissingDependencyError: the named source's package is not installed.
+
+    Example:
+        >>> source, model = resolve_model_name("resnet18")
+        >>> source.name, model
+        ('torchvision', 'resnet18')
+    """
     srcs = _sources()
     if ":" in name and name.split(":", 1)[0] in srcs:
         src_name, model = name.split(":", 1)
         src = srcs[src_name]
         if not src.available():
-            raise LayertapError(
-                f"model source '{src_name}' needs its package: pip install 'layertap[{src.extra}]'", exit_code=1
+            raise MissingDependencyError(
+                f"model source '{src_name}' needs its package: pip install 'layertap[{src.extra}]'"
             )
         if not src.has_model(model):
             raise LayertapError(
@@ -234,16 +346,33 @@ def resolve_model_name(name: str) -> tuple[Source, str]:
 
 
 def load_model(
-    name: str, weights: str | os.PathLike[str] = "pretrained", *, seed: int = 0, **options: Any
+    name: str, weights: str | os.PathLike[str] | Weights = "pretrained", *, seed: int = 0, **options: Any
 ) -> LoadedModel:
     """Build a model by name: ``load_model("resnet50")``, ``load_model("torchvision:alexnet", "random")``.
 
-    ``weights``: ``"pretrained"`` (the source's default published weights, downloaded or read
-    from its cache; an error — never random weights — if they cannot be had), ``"random"``
-    (untrained, initialised reproducibly from ``seed``), a source-specific weights id (e.g.
-    ``"IMAGENET1K_V2"`` for torchvision), or the path of a state_dict / checkpoint file.
-    ``options`` go to the source (e.g. ``transform="validation"`` for IPCL, ``config={...}`` for
-    Hugging Face models built from a config).
+    Args:
+        name: ``source:name``, or a bare name (the first source that has it, in :func:`list_sources` order).
+        weights: ``"pretrained"`` (the source's default published weights, downloaded or read from its
+            cache; an error, never random weights, if they cannot be had), ``"random"`` (untrained,
+            initialised reproducibly from ``seed``), a source-specific weights id (e.g. ``"IMAGENET1K_V2"``
+            for torchvision), or the path of a state_dict / checkpoint file; or the same as a
+            :class:`~layertap.models.weights.Pretrained`, :class:`~layertap.models.weights.Random` or
+            :class:`~layertap.models.weights.File`.
+        seed: the seed of random weights (0 to 2**64 - 1).
+        **options: passed to the source (e.g. ``transform="validation"`` for IPCL, ``config={...}`` for
+            Hugging Face models built from a config); recorded in the provenance.
+
+    Returns:
+        The model in eval mode on the CPU, with its transform and provenance.
+
+    Raises:
+        LayertapError: an unknown model or weights id, a bad seed, an unreadable or unfitting weights file.
+        UnavailableError: published weights that cannot be downloaded or read from the cache.
+
+    Example:
+        >>> model = load_model("resnet18", "random", seed=1)
+        >>> model.name, model.input_size, model.provenance["weights"]
+        ('torchvision:resnet18', (3, 224, 224), {'kind': 'random', 'seed': 1})
     """
     check_seed(seed)
     src, model = resolve_model_name(name)
@@ -264,175 +393,38 @@ def _option_json(obj: Any) -> Any:
     return repr(obj)
 
 
-def check_seed(seed: int) -> int:
-    """``seed`` if torch and numpy can both use it (0 to 2**64 - 1), else a one-line error."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
-        raise LayertapError(f"--seed must be a whole number from 0 to {2**64 - 1}, got {seed}")
-    return int(seed)
-
-
-def weights_spec(weights: str | os.PathLike[str]) -> str | Path:
-    """Normalise the ``weights`` argument: 'pretrained', 'random', an id, or an existing Path."""
-    if isinstance(weights, os.PathLike):
-        weights = os.fspath(weights)
-    w = str(weights)
-    if w in ("pretrained", "random"):
-        return w
-    looks_like_path = os.sep in w or "/" in w or w.endswith((".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors"))
-    if os.path.exists(w):
-        return Path(w)
-    if looks_like_path:
-        raise LayertapError(f"weights file not found: {w}")
-    return w
-
-
-def seeded_build(builder: Callable[[], nn.Module], seed: int) -> nn.Module:
-    """Build a module with its random initialisation drawn from ``seed``, leaving global RNG alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return builder()
-
-
-def module_fingerprint(module: nn.Module) -> str:
-    """sha256 over a module's parameters and buffers (names, dtypes, shapes, bytes): what an
-    in-memory model computes with, so that a run of other weights is never taken for this one.
+def finish_loading(built: Built, name: str, weights: Weights, seed: int) -> LoadedModel:
+    """The step every source shares: load a weights file, record provenance, freeze, wrap.
 
     Args:
-        module: the model.
+        built: what the source built.
+        name: ``source:name``.
+        weights: the weights asked for (a :class:`~layertap.models.weights.File` is loaded here, strictly).
+        seed: the seed of the initialisation (recorded for random weights).
 
     Returns:
-        The hex digest (about 0.1 s per 100 MB of weights).
+        The :class:`LoadedModel`; its provenance is ``{"source", "weights", **built.extra}``.
+
+    Example:
+        >>> from layertap.models.weights import Random
+        >>> finish_loading(Built(nn.Linear(4, 2), lambda x: x, (4,)), "tiny:mlp", Random(), 7).provenance["weights"]
+        {'kind': 'random', 'seed': 7}
     """
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{t.numel()};".encode())
-        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.hexdigest()
-
-
-
-
-_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state_dict from a weights file, safely (``weights_only=True``: no code runs).
-
-    Accepts a bare state_dict, or a checkpoint dict holding one under ``state_dict`` (or
-    ``model_state_dict``/``model``/...), with DataParallel/DDP ``module.`` prefixes removed.
-    ``.safetensors`` files are read with safetensors.
-    """
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LayertapError(
-            f"cannot read weights file {path}: {first[:300]} (it must be a PyTorch state_dict or checkpoint "
-            "saved with torch.save; files that need arbitrary code to load are refused)"
-        ) from None
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    if isinstance(obj, Mapping):
-        for key in _STATE_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                obj = inner
-                break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise LayertapError(f"weights file {path} holds no state_dict (a mapping of parameter names to tensors)")
-    state = dict(obj)
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def apply_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Load ``state`` strictly; a mismatch is one error naming the missing/unexpected keys."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or wrong:
-
-        def few(keys: list[str]) -> str:
-            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {few(unexpected)}")
-        if wrong:
-            parts.append(f"shape mismatch (file vs model): {few(wrong)}")
-        raise LayertapError(f"weights do not fit {what}: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
-
-
-def imagenet_transform(resize: int = 256, crop: int = 224, interpolation: str = "bilinear") -> Transform:
-    """The standard ImageNet evaluation transform: resize shorter side, center crop, normalise."""
-    from torchvision import transforms as T
-
-    mode = T.InterpolationMode(interpolation)
-    return T.Compose(
-        [
-            T.Resize(resize, interpolation=mode, antialias=True),
-            T.CenterCrop(crop),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-
-
-def describe_transform(transform: Any) -> str:
-    """A one-line, stable description of a transform for manifests."""
-    # without memory addresses (a function's repr has one), so that a resume in a new process agrees
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(transform).split()))
-
-
-def finish_loading(
-    module: nn.Module,
-    transform: Transform,
-    name: str,
-    input_size: tuple[int, int, int],
-    weights: str | Path,
-    seed: int,
-    weights_id: str | None = None,
-    extra: dict[str, Any] | None = None,
-    weights_target: nn.Module | None = None,
-    **fields: Any,
-) -> LoadedModel:
-    """Record provenance for ``weights`` (and load them from a file) the same way for every source.
-
-    A weights file is loaded into ``weights_target`` (default ``module``; CLIP loads the full
-    image+text model while ``module`` is its image tower). ``fields`` set LoadedModel fields.
-    """
-    prov: dict[str, Any] = {"source": name.split(":", 1)[0]}
-    if isinstance(weights, Path):
-        apply_state_dict(weights_target or module, read_state_dict(weights), name)
-        prov["weights"] = {"kind": "file", "path": str(weights.resolve()), "sha256": file_sha256(weights)}
-    elif weights == "random":
-        prov["weights"] = {"kind": "random", "seed": seed}
-    else:
-        prov["weights"] = {"kind": "pretrained", "id": weights_id or str(weights)}
-    prov.update(extra or {})
-    for p in (weights_target or module).parameters():
+    target = built.weights_target or built.module
+    if isinstance(weights, File):
+        apply_state_dict(target, read_state_dict(weights.path), name)
+    record = built.recorded or weights_provenance(weights, seed, built.weights_id)
+    prov: dict[str, Any] = {"source": name.split(":", 1)[0], "weights": record, **built.extra}
+    for p in target.parameters():
         p.requires_grad_(False)
-    (weights_target or module).eval()
+    target.eval()
     return LoadedModel(
-        module=module.eval(), transform=transform, name=name, input_size=input_size, provenance=prov, **fields
+        module=built.module.eval(),
+        transform=built.transform,
+        name=name,
+        input_size=built.input_size,
+        provenance=prov,
+        **built.fields,
     )
 
 
@@ -440,11 +432,25 @@ def from_module(
     module: nn.Module,
     transform: Transform | None = None,
     name: str = "custom",
-    input_size: tuple[int, int, int] = (3, 224, 224),
+    input_size: tuple[int, ...] = (3, 224, 224),
 ) -> LoadedModel:
     """Wrap any ``nn.Module`` (your own model) so that every layertap function accepts it.
 
-    ``transform`` defaults to the ImageNet evaluation transform (resize 256, crop 224).
+    Args:
+        module: the model (put in eval mode).
+        transform: one image -> input tensor; default: the ImageNet evaluation transform (resize 256,
+            center-crop ``input_size[-1]``).
+        name: the name runs record.
+        input_size: the input tensor's shape without the batch dimension.
+
+    Returns:
+        A :class:`LoadedModel` whose provenance says the weights are the user's module.
+
+    Example:
+        >>> from torch import nn
+        >>> model = from_module(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), name="mine")
+        >>> model.provenance["weights"], model.input_size
+        ({'kind': 'user-module'}, (3, 224, 224))
     """
     if transform is None:
         transform = imagenet_transform(crop=input_size[-1])
@@ -453,4 +459,16 @@ def from_module(
 
 
 def as_loaded(model: nn.Module | LoadedModel) -> LoadedModel:
+    """``model`` itself if it is a :class:`LoadedModel`, else :func:`from_module` of it.
+
+    Args:
+        model: a loaded model or any ``nn.Module``.
+
+    Returns:
+        A :class:`LoadedModel`.
+
+    Example:
+        >>> as_loaded(nn.Identity()).provenance["source"]
+        'custom'
+    """
     return model if isinstance(model, LoadedModel) else from_module(model)

@@ -37,8 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from layertap._optional import require
 from layertap.errors import LayertapError
-from layertap.store.run import LayerArray, Run, disk_error, open_run
+from layertap.store.blocks import iter_row_blocks, rows_for_bytes
+from layertap.store.files import disk_error
+from layertap.store.run import LayerArray, Run, open_complete_run
 
 log = logging.getLogger("layertap")
 
@@ -62,7 +65,7 @@ class _Index:
 def _index(run: Run, text: bool = False) -> _Index:
     """The image index of ``run``. ``text``: names as valid Unicode text (see :func:`text_name`), for
     formats that store UTF-8 (h5, MATLAB, parquet); otherwise exactly as in the manifest."""
-    rows = run.manifest["images"]["rows"]
+    rows = run.manifest.rows
     has_t = bool(rows) and "target" in rows[0]
     has_c = bool(rows) and "class" in rows[0]
     idx = _Index(
@@ -99,7 +102,7 @@ INDEX_EXTRA = ("id", "frame", "time", "sample_time", "start", "end", "index")
 def write_index(run: Run, path: Path) -> None:
     """``images.csv``: one line per stored row (row, path, target, class), in array order; runs of
     videos or stimulus arrays add the columns of :data:`INDEX_EXTRA` their rows have."""
-    rows = run.manifest["images"]["rows"]
+    rows = run.manifest.rows
     extra = [k for k in INDEX_EXTRA if any(r.get(k) is not None for r in rows)]
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
@@ -171,7 +174,7 @@ def _write_csv(run: Run, layer: str, path: Path) -> None:
 
 
 def _write_parquet(run: Run, layer: str, path: Path) -> None:
-    pa, pq = _need("pyarrow", "pyarrow.parquet")
+    pa, pq = require("pyarrow", "export", "Parquet export"), require("pyarrow.parquet", "export", "Parquet export")
     arr = run[layer]
     idx = _index(run, text=True)
     d = int(np.prod(arr.shape[1:]))
@@ -205,10 +208,7 @@ def _write_mat(run: Run, layer: str, path: Path) -> None:
     if nbytes > MAT5_MAX_BYTES:
         _write_mat73(run, layer, path)
         return
-    try:
-        from scipy.io import savemat
-    except ImportError:
-        raise LayertapError("MATLAB export needs scipy: pip install 'layertap[export]'", exit_code=1) from None
+    savemat = require("scipy.io", "export", "MATLAB export").savemat
     data = np.empty(arr.shape, dtype=_out_dtype(arr, allow_half=False))
     for start, block in arr.iter_chunks():  # scipy needs it all; fill without a second full copy
         data[start : start + len(block)] = block
@@ -293,14 +293,14 @@ def _mat73_numeric(f: Any, name: str, data: np.ndarray) -> None:
 
 
 def _write_mat73(run: Run, layer: str, path: Path) -> None:
-    h5py = _need("h5py")
+    h5py = require("h5py", "export", "HDF5 export")
     arr = run[layer]
     dtype = _out_dtype(arr, allow_half=False)
     idx = _index(run, text=True)
     mshape = arr.shape if arr.ndim > 1 else (*arr.shape, 1)
     hshape = tuple(reversed(mshape))  # (..., n): images on the last HDF5 axis
     row_bytes = max(1, int(np.prod(mshape[1:])) * dtype.itemsize)
-    rows = max(1, min(arr.shape[0], H5_CHUNK_BYTES // row_bytes))
+    rows = rows_for_bytes(row_bytes, H5_CHUNK_BYTES, n_rows=arr.shape[0], limit=None)
     with h5py.File(path, "w", userblock_size=512) as f:
         ds = f.create_dataset("activations", shape=hshape, dtype=dtype, chunks=(*hshape[:-1], rows))
         _mat73_attrs(ds, _MATLAB_CLASS[dtype.name])
@@ -331,7 +331,7 @@ def _check_reserved(layers: list[str], fmt: str) -> None:
 
 def _write_h5(run: Run, layers: list[str], path: Path) -> None:
     """``/<layer>`` (images, ...) chunked along rows; ``/images/{row,path,target,class}``; ``/manifest``."""
-    h5py = _need("h5py")
+    h5py = require("h5py", "export", "HDF5 export")
     import json
 
     _check_reserved(layers, "h5")
@@ -340,11 +340,11 @@ def _write_h5(run: Run, layers: list[str], path: Path) -> None:
         for layer in layers:
             arr = run[layer]
             row_bytes = max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize)
-            rows = max(1, min(arr.shape[0], H5_CHUNK_BYTES // row_bytes))
+            rows = rows_for_bytes(row_bytes, H5_CHUNK_BYTES, n_rows=arr.shape[0], limit=None)
             ds = f.create_dataset(layer, shape=arr.shape, dtype=arr.dtype, chunks=(rows, *arr.shape[1:]))
             for start, block in arr.iter_chunks():
                 ds[start : start + len(block)] = block
-            ds.attrs["module"] = str(run.manifest["layers"][layer].get("module", layer))
+            ds.attrs["module"] = str(run.manifest.layers[layer].get("module", layer))
         g = f.create_group("images")
         g.create_dataset("row", data=np.arange(len(idx.paths), dtype=np.int64))
         g.create_dataset("path", data=idx.paths, dtype=h5py.string_dtype())
@@ -354,7 +354,7 @@ def _write_h5(run: Run, layers: list[str], path: Path) -> None:
             g.create_dataset("class", data=idx.classes, dtype=h5py.string_dtype())
         if idx.class_names is not None:
             g.attrs["classes"] = json.dumps(idx.class_names)
-        f.create_dataset("manifest", data=json.dumps(run.manifest), dtype=h5py.string_dtype())
+        f.create_dataset("manifest", data=json.dumps(run.manifest.to_dict()), dtype=h5py.string_dtype())
 
 
 def _write_pt(run: Run, layers: list[str], path: Path) -> None:
@@ -380,7 +380,7 @@ def _write_pt(run: Run, layers: list[str], path: Path) -> None:
         payload["images"] = idx.paths
         payload["targets"] = None if idx.targets is None else torch.from_numpy(idx.targets)
         payload["class_names"] = idx.class_names
-        payload["manifest"] = run.manifest
+        payload["manifest"] = run.manifest.to_dict()
         torch.save(payload, path)
         del payload
     finally:
@@ -413,17 +413,6 @@ _UTF8_FORMATS = ("h5", "mat", "mat73", "parquet")
 _ALIASES = {"hdf5": "h5", "mat7.3": "mat73", "mat-v7.3": "mat73", "torch": "pt", "pth": "pt", "text": "txt"}
 
 
-def _need(module: str, *submodules: str) -> Any:
-    """Import an optional package, or fail with the pip command that installs it."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-        return (mod, *(importlib.import_module(s) for s in submodules)) if submodules else mod
-    except ImportError:
-        raise LayertapError(f"this export needs '{module}': pip install 'layertap[export]'", exit_code=1) from None
-
-
 def format_name(fmt: str) -> str:
     """The canonical export format for ``fmt`` ('.npy', 'hdf5', 'mat7.3', ...), or a one-line error."""
     name = fmt.lstrip(".").lower()
@@ -444,11 +433,27 @@ def export(
     ``fmt`` is one of npy, txt, h5, mat, mat73, pt, parquet, csv (see the module docstring).
     Per-layer formats write ``out/<layer>.<ext>``; h5 and pt write one ``out/activations.<ext>``
     holding every layer. ``out`` defaults to ``RUN/export-<fmt>``. Every file carries (or sits
-    beside) the image index in array row order. Returns the written paths.
+    beside) the image index in array row order.
+
+    Args:
+        run: the run (or its directory).
+        fmt: the format: npy, txt, h5, mat, mat73, pt, parquet or csv.
+        out: the folder to write into (default ``RUN/export-<fmt>``).
+        layers: the layers to export (default all).
+
+    Returns:
+        The written paths (``images.csv`` among them).
+
+    Raises:
+        LayertapError: an unknown format or layer, a missing optional dependency, a layer too large for the
+            format, or a write error.
+
+    Example:
+        >>> paths = lt.export("runs/resnet18", "h5", "exports/")  # doctest: +SKIP
+        >>> [p.name for p in paths]  # doctest: +SKIP
+        ['activations.h5', 'images.csv']
     """
-    run = run if isinstance(run, Run) else open_run(run)
-    if not run.complete:
-        raise LayertapError(f"{run.path} is not complete; run the same extract command again to finish it first")
+    run = open_complete_run(run)
     fmt = format_name(fmt)
     w = WRITERS[fmt]
     names = list(layers or run.layers)
@@ -502,15 +507,14 @@ def _slices_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 def _iter_rows(acts: Any, rows: int = 256) -> Iterator[np.ndarray]:
     """Blocks of ``acts`` along its first axis (a LayerArray is read chunk by chunk)."""
     if isinstance(acts, LayerArray):
-        for _, block in acts.iter_chunks():
-            yield block
-        return
-    a = np.asarray(acts)
-    if a.ndim == 0:
-        yield a.reshape(1)
-        return
-    for start in range(0, len(a), rows):
-        yield a[start : start + rows]
+        rows = acts.chunk_rows
+    else:
+        acts = np.asarray(acts)
+        if acts.ndim == 0:
+            yield acts.reshape(1)
+            return
+    for _, block in iter_row_blocks(acts, rows):
+        yield block
 
 
 def tensor2slices(
@@ -526,6 +530,18 @@ def tensor2slices(
     array (values printed with enough digits to round-trip the dtype exactly), and returns the
     path. A LayerArray is written chunk by chunk. The seed's argument order
     ``tensor2slices(out_path, file_name, features)`` is accepted too.
+
+    Args:
+        acts: the activations (numpy array or LayerArray), at least 2-D.
+        out_path: a folder (with ``file_name``) or a file to write; None: return the matrix.
+        file_name: the file's name inside ``out_path``.
+
+    Returns:
+        The matrix, or the written file's path.
+
+    Example:
+        >>> tensor2slices(np.zeros((2, 3, 4, 5))).shape
+        (24, 5)
     """
     if isinstance(acts, (str, os.PathLike)):  # seed order: (out_path, file_name, features)
         acts, out_path, file_name = file_name, acts, out_path  # type: ignore[assignment]
@@ -558,6 +574,18 @@ def slices2tensor(
 
     From a file, the shape (and dtype) come from its header line; the seed's header
     ``# Array shape: (...)`` is read too (as float64 unless a dtype is given).
+
+    Args:
+        source: the matrix, or a folder (with a file name) or file written by :func:`tensor2slices`.
+        shape_or_file: the original shape (with a matrix), or the file name (with a folder).
+
+    Returns:
+        The N-D array.
+
+    Example:
+        >>> x = np.arange(24.0).reshape(2, 3, 4)
+        >>> np.array_equal(slices2tensor(tensor2slices(x), x.shape), x)
+        True
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source) / shape_or_file if isinstance(shape_or_file, str) else Path(source)
@@ -595,7 +623,22 @@ def split_activations(
 
     ``source`` is an array or a .npy / .txt file (txt as written by :func:`tensor2slices` or a
     plain 2-D matrix). Parts differ in length by at most one row. ``fmt`` (npy or txt) defaults
-    to the source file's format, npy for arrays. Returns the part paths in order.
+    to the source file's format, npy for arrays.
+
+    Args:
+        source: the activations, or a .npy / .txt file of them.
+        out_dir: the folder for the parts.
+        n_splits: the number of parts.
+        fmt: ``npy`` or ``txt``.
+        stem: the parts' name stem (default the source file's, ``activations`` for arrays).
+
+    Returns:
+        The part paths, in order.
+
+    Example:
+        >>> parts = split_activations(np.zeros((10, 4)), "parts/", 3)  # doctest: +SKIP
+        >>> [p.name for p in parts]  # doctest: +SKIP
+        ['activations.part000-of-003.npy', 'activations.part001-of-003.npy', 'activations.part002-of-003.npy']
     """
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
@@ -642,6 +685,21 @@ def merge_activations(
 
     Checks that every part 0..N-1 is there. ``stem`` picks one set when the folder holds
     several. With ``out`` (a .npy path) the merged array is also written there.
+
+    Args:
+        directory: the folder holding the parts.
+        stem: which set of parts (when the folder holds several).
+        out: a .npy file to write the merged array to as well.
+
+    Returns:
+        The merged array.
+
+    Raises:
+        LayertapError: no parts, several sets without ``stem``, or a part missing.
+
+    Example:
+        >>> merge_activations("parts/").shape  # doctest: +SKIP
+        (10, 4)
     """
     d = Path(directory)
     sets: dict[tuple[str, int, str], dict[int, Path]] = {}

@@ -21,8 +21,9 @@ import html
 import math
 from typing import Any
 
+from layertap._optional import require
 from layertap.errors import LayertapError
-from layertap.extraction.planning import ITEMSIZE
+from layertap.store.blocks import ITEMSIZE
 
 
 def dims_for(shape: tuple[int, ...] | list[int]) -> tuple[str, ...]:
@@ -55,13 +56,11 @@ def to_xarray(run: Any, layer: str) -> Any:
     Returns:
         The DataArray (all rows loaded into memory; slice ``run[layer]`` first for very large layers).
     """
-    from layertap.models.registry import require
-
     xr = require("xarray", "labels")
     arr = run[layer]
     data = arr[:]
     dims = ("image", *dims_for(arr.shape[1:]))
-    model = run.manifest.get("model", {})
+    model = run.manifest.model or {}
     return xr.DataArray(
         data,
         dims=dims,
@@ -79,8 +78,6 @@ def to_pandas(run: Any, layer: str) -> Any:
         LayertapError: for a layer with more than one dimension per image (use :func:`to_xarray`,
             or extract with ``--flatten`` / a reducer).
     """
-    from layertap.models.registry import require
-
     pd = require("pandas", "labels")
     arr = run[layer]
     if len(arr.shape) != 2:
@@ -96,7 +93,7 @@ def to_pandas(run: Any, layer: str) -> Any:
 def run_html(run: Any) -> str:
     """The notebook view of a run: model, weights, images and a table of its layers."""
     m = run.manifest
-    model = m.get("model", {})
+    model = m.model or {}
     weights = model.get("weights", {})
     w = weights.get("id") or weights.get("kind") or "" if isinstance(weights, dict) else str(weights)
     rows = []
@@ -110,7 +107,7 @@ def run_html(run: Any) -> str:
         )
     e = html.escape
     return (
-        f"<div><b>layertap run</b> <code>{e(str(run.path))}</code> ({e(str(m.get('status')))})<br>"
+        f"<div><b>layertap run</b> <code>{e(str(run.path))}</code> ({e(str(m.status))})<br>"
         f"model <b>{e(str(model.get('name', '')))}</b>, weights {e(str(w))}; {len(run.images)} images, "
         f"{len(run.skipped)} skipped"
         "<table><thead><tr><th>layer</th><th>shape per image</th><th>dims</th><th>dtype</th><th>size</th></tr>"

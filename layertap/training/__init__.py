@@ -5,7 +5,7 @@
 line is ``layertap train ipcl ...`` and ``layertap train linear-probe ...``.
 """
 
-from typing import Any
+from layertap._lazy import lazy_exports
 
 # Imported on first use: the command line builds its parser without importing torch.
 _NAMES = {
@@ -31,17 +31,7 @@ _NAMES = {
     "linear_probe": "probe",
 }
 
-
-def __getattr__(name: str) -> Any:
-    """Import ``name`` from its module on first use."""
-    import importlib
-
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
+__getattr__, __dir__ = lazy_exports(__name__, _NAMES)
 
 __all__ = [
     "AugmentConfig",

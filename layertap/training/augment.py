@@ -50,7 +50,15 @@ N_UNIFORMS = CROP_TRIES * 4 + 2 + 4 + 4
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Parameters shared by both paths. ``size`` is the output side (pixels)."""
+    """Parameters shared by both augmentation paths (:func:`cpu_augment`, :class:`TensorAugment`).
+
+    ``size`` is the output side (pixels); ``scale``/``ratio`` are RandomResizedCrop's; the others are the
+    probabilities and strengths of flip, grayscale and colour jitter, then normalisation with ``mean``/``std``.
+
+    Example:
+        >>> AugmentConfig(size=64).scale
+        (0.2, 1.0)
+    """
 
     size: int = 224
     scale: tuple[float, float] = (0.2, 1.0)
@@ -72,7 +80,20 @@ class AugmentConfig:
 
 
 def cpu_augment(cfg: AugmentConfig = AugmentConfig()):  # noqa: ANN201 - a torchvision Compose
-    """torchvision transforms: PIL RGB image -> float tensor (3, size, size), normalised."""
+    """The torchvision (PIL, per image) augmentation: PIL RGB image -> float tensor (3, size, size).
+
+    Args:
+        cfg: the augmentation's parameters.
+
+    Returns:
+        A ``torchvision.transforms.Compose``: random resized crop, flip, grayscale, colour jitter, to tensor,
+        normalisation (when ``cfg.normalize``).
+
+    Example:
+        >>> from PIL import Image
+        >>> cpu_augment(AugmentConfig(size=32))(Image.new("RGB", (50, 40))).shape
+        torch.Size([3, 32, 32])
+    """
     from torchvision import transforms as T
 
     parts = [
@@ -88,7 +109,21 @@ def cpu_augment(cfg: AugmentConfig = AugmentConfig()):  # noqa: ANN201 - a torch
 
 
 def eval_transform(size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):  # noqa: ANN201
-    """Evaluation transform (kNN, linear probe): resize to ``size*256/224``, centre crop ``size``."""
+    """The evaluation transform (kNN, linear probe): resize to ``size*256/224``, centre crop ``size``, normalise.
+
+    Args:
+        size: the output side.
+        mean: per-channel mean of the normalisation.
+        std: per-channel standard deviation of the normalisation.
+
+    Returns:
+        A transform from a PIL RGB image to a float tensor (3, size, size).
+
+    Example:
+        >>> from PIL import Image
+        >>> eval_transform(64)(Image.new("RGB", (100, 80))).shape
+        torch.Size([3, 64, 64])
+    """
     from torchvision import transforms as T
 
     return T.Compose(
@@ -102,9 +137,23 @@ def eval_transform(size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: 
 
 
 def load_square(img: Image.Image, load_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Tensor path loader step: RGB image -> (uint8 (3, L, L) squashed square, original (h, w))."""
+    """The tensor path's loading step: an RGB image squashed to an L x L square, and its original size.
+
+    Args:
+        img: the RGB image.
+        load_size: L, the square's side (PIL's antialiased bilinear shrink).
+
+    Returns:
+        (uint8 (3, L, L) tensor, the original (height, width)).
+
+    Example:
+        >>> from PIL import Image
+        >>> t, hw = load_square(Image.new("RGB", (60, 30)), 16)
+        >>> t.shape, t.dtype, hw
+        (torch.Size([3, 16, 16]), torch.uint8, (30, 60))
+    """
     w, h = img.size
-    small = img.resize((load_size, load_size), Image.BILINEAR)  # PIL's bilinear shrink is antialiased
+    small = img.resize((load_size, load_size), Image.Resampling.BILINEAR)  # PIL's bilinear shrink is antialiased
     t = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).view(load_size, load_size, 3)
     return t.permute(2, 0, 1).contiguous(), (h, w)
 
@@ -112,8 +161,20 @@ def load_square(img: Image.Image, load_size: int) -> tuple[torch.Tensor, tuple[i
 def draw_uniforms(n_images: int, n_samples: int, generator: torch.Generator) -> torch.Tensor:
     """All randomness of the tensor path for a batch: (n_images, n_samples, N_UNIFORMS) in [0, 1).
 
-    Drawn on the CPU from ``generator`` so that every device and every DDP rank (which slices its
-    images' rows) gets the same numbers.
+    Drawn on the CPU from ``generator`` so that every device and every DDP rank (which slices its images' rows)
+    gets the same numbers.
+
+    Args:
+        n_images: images in the batch.
+        n_samples: augmented samples per image.
+        generator: the seeded generator.
+
+    Returns:
+        The uniforms, float32 on the CPU.
+
+    Example:
+        >>> draw_uniforms(2, 5, torch.Generator().manual_seed(0)).shape == (2, 5, N_UNIFORMS)
+        True
     """
     return torch.rand(n_images, n_samples, N_UNIFORMS, generator=generator, dtype=torch.float64)
 
@@ -121,9 +182,19 @@ def draw_uniforms(n_images: int, n_samples: int, generator: torch.Generator) -> 
 def crop_boxes(u: torch.Tensor, hw: torch.Tensor, scale: Sequence[float], ratio: Sequence[float]) -> torch.Tensor:
     """RandomResizedCrop boxes, torchvision's algorithm vectorised over samples.
 
-    ``u``: (M, CROP_TRIES, 4) uniforms; ``hw``: (M, 2) original heights/widths (pixels).
-    Returns (M, 4) float64 boxes (x0, y0, x1, y1) in original pixels: the first of
-    ``CROP_TRIES`` draws that fits, else the centre crop clamped to ``ratio``.
+    Args:
+        u: (M, CROP_TRIES, 4) uniforms.
+        hw: (M, 2) original heights/widths (pixels).
+        scale: the crop's area range, as a fraction of the image's.
+        ratio: the crop's aspect-ratio range.
+
+    Returns:
+        (M, 4) float64 boxes (x0, y0, x1, y1) in original pixels: the first of ``CROP_TRIES`` draws that fits,
+        else the centre crop clamped to ``ratio``.
+
+    Example:
+        >>> crop_boxes(torch.rand(3, CROP_TRIES, 4), torch.tensor([[100, 80]] * 3), (0.2, 1.0), (3 / 4, 4 / 3)).shape
+        torch.Size([3, 4])
     """
     h = hw[:, 0:1].double()
     w = hw[:, 1:2].double()
@@ -162,7 +233,18 @@ def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) RGB in [0, 1] -> HSV, hue in [0, 1)."""
+    """(B, 3, H, W) RGB in [0, 1] -> HSV, hue in [0, 1).
+
+    Args:
+        x: the RGB images.
+
+    Returns:
+        The HSV images, same shape.
+
+    Example:
+        >>> rgb_to_hsv(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)).flatten()
+        tensor([0., 1., 1.])
+    """
     r, g, b = x.unbind(1)
     maxc, _ = x.max(1)
     minc, _ = x.min(1)
@@ -176,7 +258,18 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
 
 
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) HSV (hue in [0, 1)) -> RGB in [0, 1] (the closed form: no per-sector table)."""
+    """(B, 3, H, W) HSV (hue in [0, 1)) -> RGB in [0, 1] (the closed form: no per-sector table).
+
+    Args:
+        x: the HSV images.
+
+    Returns:
+        The RGB images, same shape.
+
+    Example:
+        >>> hsv_to_rgb(torch.tensor([0.0, 1.0, 1.0]).view(1, 3, 1, 1)).flatten()
+        tensor([1., 0., 0.])
+    """
     h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = torch.remainder(n + h * 6.0, 6.0)
@@ -200,10 +293,15 @@ def _apply_op(op: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 class TensorAugment:
     """Batched IPCL augmentation with torch ops on any device (the "fastaug" path).
 
-    ``aug(images, hw, u)``: ``images`` uint8 or float (B, 3, L, L) squares from
-    :func:`load_square` (float in [0, 1]), ``hw`` (B, 2) original sizes, ``u`` uniforms
-    (B, N, N_UNIFORMS) from :func:`draw_uniforms`. Returns float (B, N, 3, size, size): N
-    augmented samples per image, normalised if ``cfg.normalize``.
+    ``aug(images, hw, u)``: ``images`` uint8 or float (B, 3, L, L) squares from :func:`load_square` (float in
+    [0, 1]), ``hw`` (B, 2) original sizes, ``u`` uniforms (B, N, N_UNIFORMS) from :func:`draw_uniforms`.
+    Returns float (B, N, 3, size, size): N augmented samples per image, normalised if ``cfg.normalize``.
+
+    Example:
+        >>> aug = TensorAugment(AugmentConfig(size=16))
+        >>> images, hw = torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([[32, 32], [32, 32]])
+        >>> aug(images, hw, draw_uniforms(2, 3, torch.Generator().manual_seed(0))).shape
+        torch.Size([2, 3, 3, 16, 16])
     """
 
     def __init__(self, cfg: AugmentConfig = AugmentConfig()) -> None:

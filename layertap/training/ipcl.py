@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -48,10 +48,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from layertap._optional import package_available, require
 from layertap.data.images import ImageSet, load_rgb
-from layertap.errors import LayertapError
-from layertap.models.registry import LoadedModel, from_module, load_model, seeded_build
+from layertap.devices import resolve_device
+from layertap.errors import JobFailedError, LayertapError
+from layertap.extraction.layers import unwrap_output
+from layertap.models.registry import LoadedModel, from_module, load_model
 from layertap.models.sources.ipcl import AlexNetGN, L2Norm
+from layertap.models.weights import seeded_build
 from layertap.training.augment import (
     AugmentConfig,
     TensorAugment,
@@ -81,11 +85,15 @@ def exploding(history: list[dict[str, Any]], ratio: float = EXPLODING_RATIO) -> 
     times the first epoch's (a healthy IPCL loss falls, or stays within a small factor).
 
     Args:
-        history: the per-epoch log rows (``train_loss``), first epoch first.
+        history: the per-epoch log rows (``epoch``, ``train_loss``), first epoch first.
         ratio: the multiple of the first epoch's loss that counts as exploding.
 
     Returns:
         A phrase such as ``"epoch 2 loss 148.2 is 53x the first epoch's (2.79)"``, or None.
+
+    Example:
+        >>> exploding([{"epoch": 1, "train_loss": 2.0}, {"epoch": 2, "train_loss": 40.0}])
+        "epoch 2 loss 40 is 20x the first epoch's (2)"
     """
     if len(history) < 2:
         return None
@@ -93,6 +101,8 @@ def exploding(history: list[dict[str, Any]], ratio: float = EXPLODING_RATIO) -> 
     if first > 0 and last > ratio * first:
         return f"epoch {history[-1]['epoch']} loss {last:.4g} is {last / first:.0f}x the first epoch's ({first:.4g})"
     return None
+
+
 NCE_EPS = 1e-7  # lemniscate's eps inside the NCE ratios
 
 
@@ -102,7 +112,19 @@ NCE_EPS = 1e-7  # lemniscate's eps inside the NCE ratios
 
 
 def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """(B, N, ...) samples grouped by image -> (B*N, ...) in ``layout`` order."""
+    """(B, N, ...) samples grouped by image -> (B*N, ...) in ``layout`` order.
+
+    Args:
+        x: N samples of each of B images.
+        layout: ``"interleaved"`` (aug0 of all images, then aug1, ...) or ``"contiguous"`` (image by image).
+
+    Returns:
+        The flattened batch.
+
+    Example:
+        >>> to_layout(torch.arange(6).reshape(2, 3), "interleaved")
+        tensor([0, 3, 1, 4, 2, 5])
+    """
     if layout == "contiguous":
         return x.reshape(-1, *x.shape[2:])
     if layout == "interleaved":
@@ -111,7 +133,21 @@ def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def from_layout(x: torch.Tensor, n_samples: int, layout: str) -> torch.Tensor:
-    """(B*N, ...) in ``layout`` order -> (B, N, ...) grouped by image (the inverse of :func:`to_layout`)."""
+    """(B*N, ...) in ``layout`` order -> (B, N, ...) grouped by image (the inverse of :func:`to_layout`).
+
+    Args:
+        x: the flattened batch.
+        n_samples: N.
+        layout: ``"interleaved"`` or ``"contiguous"``.
+
+    Returns:
+        The samples grouped by image.
+
+    Example:
+        >>> from_layout(torch.tensor([0, 3, 1, 4, 2, 5]), 3, "interleaved")
+        tensor([[0, 1, 2],
+                [3, 4, 5]])
+    """
     if x.shape[0] % n_samples:
         raise LayertapError(f"batch of {x.shape[0]} samples is not a multiple of n_samples={n_samples}")
     if layout == "contiguous":
@@ -131,8 +167,21 @@ def ipcl_similarities(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarities of each sample to its prototype (column 0) and to the queue (1..K).
 
-    ``emb``: (B*N, D) embeddings in ``layout`` order (normalised here); ``queue``: (K, D) unit
-    vectors. Returns ``sim`` (B*N, 1+K) in the same sample order and ``prototypes`` (B, D).
+    Args:
+        emb: (B*N, D) embeddings in ``layout`` order (normalised here).
+        queue: (K, D) unit vectors.
+        n_samples: N, the samples per image.
+        layout: ``"interleaved"`` (sample-major) or ``"contiguous"`` (image-major): the order of ``emb``'s rows.
+        norm_prototype: l2-normalise the prototypes.
+        detach_prototype: no gradient through the prototypes.
+
+    Returns:
+        ``sim`` (B*N, 1+K) in the same sample order, and the prototypes (B, D).
+
+    Example:
+        >>> sim, proto = ipcl_similarities(torch.randn(6, 4), torch.eye(4), n_samples=3)
+        >>> sim.shape, proto.shape
+        (torch.Size([6, 5]), torch.Size([2, 4]))
     """
     x = F.normalize(emb, dim=1)
     grouped = from_layout(x, n_samples, layout)  # (B, N, D)
@@ -150,6 +199,19 @@ def nce_loss(sim: torch.Tensor, temperature: float, Z: float | torch.Tensor, n_d
 
     P = exp(sim/T)/Z; with noise probability Pn = 1/n_data and K negatives,
     loss = -[sum_i log(P_i0 / (P_i0 + K Pn + eps)) + sum_ij log(K Pn / (P_ij + K Pn + eps))] / M.
+
+    Args:
+        sim: (M, 1+K) similarities, the positive in column 0.
+        temperature: T.
+        Z: the normalisation constant (see :func:`nce_normaliser`).
+        n_data: the dataset size.
+
+    Returns:
+        The scalar loss.
+
+    Example:
+        >>> float(nce_loss(torch.zeros(2, 5), 0.07, Z=1.0, n_data=100)) > 0
+        True
     """
     P = torch.exp(sim / temperature) / Z
     K = sim.shape[1] - 1
@@ -160,13 +222,38 @@ def nce_loss(sim: torch.Tensor, temperature: float, Z: float | torch.Tensor, n_d
 
 
 def softmax_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy of softmax(sim / T) with the positive (column 0) as target; mean over samples."""
+    """Cross-entropy of softmax(sim / T) with the positive (column 0) as target; mean over samples.
+
+    Args:
+        sim: (M, 1+K) similarities, the positive in column 0.
+        temperature: T.
+
+    Returns:
+        The scalar loss.
+
+    Example:
+        >>> round(float(softmax_loss(torch.zeros(2, 4), 1.0)), 4)  # log(4): four equal classes
+        1.3863
+    """
     target = torch.zeros(sim.shape[0], dtype=torch.long, device=sim.device)
     return F.cross_entropy(sim / temperature, target)
 
 
 def nce_normaliser(sim: torch.Tensor, temperature: float, n_data: int) -> torch.Tensor:
-    """Z = mean(exp(sim / T)) * n_data over all ranks' samples (lemniscate's constant), no gradient."""
+    """Z = mean(exp(sim / T)) * n_data over all ranks' samples (lemniscate's constant), no gradient.
+
+    Args:
+        sim: (M, 1+K) similarities.
+        temperature: T.
+        n_data: the dataset size.
+
+    Returns:
+        Z, a scalar tensor.
+
+    Example:
+        >>> float(nce_normaliser(torch.zeros(2, 3), 1.0, n_data=10))
+        10.0
+    """
     with torch.no_grad():
         e = torch.exp(sim.detach().double() / temperature)
         total = torch.stack([e.sum(), torch.tensor(float(e.numel()), dtype=torch.float64, device=e.device)])
@@ -188,7 +275,28 @@ def ipcl_loss(
     norm_prototype: bool = False,
     detach_prototype: bool = True,
 ) -> torch.Tensor:
-    """The IPCL loss of one batch (a scalar). ``Z=None`` with ``loss="nce"`` computes it from this batch."""
+    """The IPCL loss of one batch, without the state :class:`IPCLCriterion` keeps.
+
+    Args:
+        emb: (B*N, D) embeddings of N augmented samples of B images, in ``layout`` order.
+        queue: (K, D) unit vectors, the negatives.
+        n_samples: N, the samples per image.
+        layout: ``"interleaved"`` (sample-major: aug0 of all images, then aug1, ...) or ``"contiguous"`` (image-major).
+        temperature: the softmax / NCE temperature.
+        loss: ``"nce"`` or ``"softmax"``.
+        Z: the NCE normalisation constant; None with ``loss="nce"`` computes it from this batch.
+        n_data: the dataset size (NCE's noise probability is 1 / n_data).
+        norm_prototype: l2-normalise the prototypes (the mean of each image's samples).
+        detach_prototype: no gradient through the prototypes.
+
+    Returns:
+        The scalar loss.
+
+    Example:
+        >>> emb, queue = torch.randn(8, 16), torch.nn.functional.normalize(torch.randn(32, 16), dim=1)
+        >>> ipcl_loss(emb, queue, n_samples=2, loss="softmax").shape
+        torch.Size([])
+    """
     sim, _ = ipcl_similarities(emb, queue, n_samples, layout, norm_prototype, detach_prototype)
     if loss == "softmax":
         return softmax_loss(sim, temperature)
@@ -213,11 +321,20 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
 class IPCLCriterion(nn.Module):
     """The IPCL loss with its state: the memory queue (K, D) and the NCE constant Z.
 
-    ``criterion(emb)`` takes (B*N, D) embeddings in ``layout`` order, returns the scalar loss and,
-    in training mode, pushes the batch's embeddings (or prototypes with ``store_prototype``),
-    gathered from all ranks in image order, to the front of the queue (oldest drop off the end).
-    The queue starts as random unit vectors drawn from ``seed`` (the original's uniform init).
+    ``criterion(emb)`` takes (B*N, D) embeddings in ``layout`` order, returns the scalar loss and, in training mode,
+    pushes the batch's embeddings (or prototypes with ``store_prototype``), gathered from all ranks in image order,
+    to the front of the queue (oldest drop off the end). The queue starts as random unit vectors drawn from
+    ``seed`` (the original's uniform init).
+
+    Example:
+        >>> crit = IPCLCriterion(n_data=100, out_dim=16, queue_size=32, n_samples=2, loss="softmax")
+        >>> crit(torch.randn(8, 16)).shape, crit.queue.shape
+        (torch.Size([]), torch.Size([32, 16]))
     """
+
+    # registered buffers (declared for the type checker: nn.Module's __getattr__ types them loosely)
+    queue: torch.Tensor
+    Z: torch.Tensor
 
     def __init__(
         self,
@@ -285,7 +402,13 @@ class IPCLCriterion(nn.Module):
 
 
 class EmbeddingNet(nn.Module):
-    """A registry backbone with an IPCL head: flatten -> Linear(out_dim) -> l2 normalisation."""
+    """A registry backbone with an IPCL head: flatten -> Linear(out_dim) -> l2 normalisation.
+
+    Example:
+        >>> net = EmbeddingNet(nn.Conv2d(3, 4, 8), in_features=4, out_dim=16)
+        >>> net(torch.zeros(2, 3, 8, 8)).shape
+        torch.Size([2, 16])
+    """
 
     def __init__(self, backbone: nn.Module, in_features: int, out_dim: int = 128) -> None:
         super().__init__()
@@ -298,15 +421,11 @@ class EmbeddingNet(nn.Module):
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    for key in ("last_hidden_state", "pooler_output", "logits"):
-        value = getattr(out, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    raise LayertapError(f"the backbone returns {type(out).__name__}; IPCL needs a tensor output")
+    """The backbone's output tensor, by the one unwrapping rule (:func:`~layertap.extraction.layers.unwrap_output`)."""
+    tensor = unwrap_output(out)
+    if tensor is None:
+        raise LayertapError(f"the backbone returns {type(out).__name__}; IPCL needs a tensor output")
+    return tensor
 
 
 def build_model(
@@ -314,9 +433,23 @@ def build_model(
 ) -> nn.Module:
     """The network to train: ``alexnet_gn`` (the IPCL AlexNet-GN) or any registry model + head.
 
-    Registry models (``lt.load_model`` names: ``resnet18``, ``timm:...``, ``file.py:factory``)
-    are built with ``weights`` (default random, from ``seed``); their flattened output feeds a
-    new ``Linear(out_dim)`` and l2 normalisation (:class:`EmbeddingNet`).
+    Registry models (``lt.load_model`` names: ``resnet18``, ``timm:...``, ``file.py:factory``) are built with
+    ``weights``; their flattened output feeds a new ``Linear(out_dim)`` and l2 normalisation (:class:`EmbeddingNet`).
+
+    Args:
+        arch: ``alexnet_gn`` or a model name :func:`~layertap.models.load_model` takes.
+        out_dim: the embedding's size.
+        size: the input images' side (to measure the backbone's output size).
+        seed: the seed of the initialisation.
+        weights: the backbone's weights (``"random"`` by default; anything :func:`~layertap.models.load_model` takes).
+
+    Returns:
+        The network, in training mode.
+
+    Example:
+        >>> net = build_model("alexnet_gn", out_dim=64, seed=1)
+        >>> net(torch.zeros(2, 3, 224, 224)).shape
+        torch.Size([2, 64])
     """
     if arch in ("alexnet_gn", "ipcl:alexnet_gn"):
         return seeded_build(lambda: AlexNetGN(out_dim, l2norm=True), seed)
@@ -329,14 +462,34 @@ def build_model(
 
 
 def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state_dict as the released IPCL checkpoints store it: ``module.`` prefixes."""
+    """The model's state_dict as the released IPCL checkpoints store it: ``module.`` prefixes.
+
+    Args:
+        model: the trained network.
+
+    Returns:
+        Detached CPU copies of its tensors, keys prefixed with ``module.``.
+
+    Example:
+        >>> sorted(checkpoint_state(nn.Linear(2, 1)))
+        ['module.bias', 'module.weight']
+    """
     return {f"module.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def load_trained(path: str | os.PathLike[str], device: str = "cpu") -> LoadedModel:
-    """A model trained here (a run folder or a checkpoint file) as a :class:`LoadedModel` (eval mode).
+    """A model trained here (a run folder or a checkpoint file) as a :class:`~layertap.models.LoadedModel`.
 
-    Its transform is the evaluation transform at the training size and normalisation.
+    Args:
+        path: the run folder written by :func:`train_ipcl`, or one of its checkpoint files.
+        device: where to put the model.
+
+    Returns:
+        The model in eval mode; its transform is the evaluation transform at the training size and normalisation.
+
+    Example:
+        >>> model = load_trained("runs/ipcl")  # doctest: +SKIP
+        >>> lt.extract(model, "images/", layers=["fc7"], out="acts")  # doctest: +SKIP
     """
     ckpt = read_checkpoint(resolve_checkpoint(path))
     meta = ckpt.get("layertap") or {}
@@ -357,7 +510,21 @@ def load_trained(path: str | os.PathLike[str], device: str = "cpu") -> LoadedMod
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A run folder's ``checkpoint.pth.tar``, or the file itself."""
+    """A run folder's ``checkpoint.pth.tar``, or the file itself.
+
+    Args:
+        path: a run folder written by :func:`train_ipcl`, or a checkpoint file.
+
+    Returns:
+        The checkpoint file.
+
+    Raises:
+        LayertapError: there is no such folder, file or checkpoint.
+
+    Example:
+        >>> resolve_checkpoint("runs/ipcl").name  # doctest: +SKIP
+        'checkpoint.pth.tar'
+    """
     p = Path(path)
     if p.is_dir():
         p = p / CHECKPOINT
@@ -367,6 +534,21 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``: no code runs).
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        Its contents (state_dict, optimiser, RNG states, config, log, ...).
+
+    Raises:
+        LayertapError: it cannot be read (one line).
+
+    Example:
+        >>> read_checkpoint(Path("runs/ipcl/checkpoint.pth.tar"))["epoch"]  # doctest: +SKIP
+        10
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unreadable for whatever reason: one line
@@ -383,10 +565,13 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 class IPCLConfig:
     """Every setting of a training run (saved in the checkpoint; ``--resume`` reuses them).
 
-    ``batch_size`` is the number of *images* per step over all ranks (each gives ``n_samples``
-    samples); ``batch_multiplier`` accumulates gradients over that many steps per optimiser step.
-    ``lr`` is the peak (one-cycle ``max_lr``); the cycle starts at ``lr / div_factor`` and ends
-    at ``lr / div_factor / final_div_factor``.
+    ``batch_size`` is the number of *images* per step over all ranks (each gives ``n_samples`` samples);
+    ``batch_multiplier`` accumulates gradients over that many steps per optimiser step. ``lr`` is the peak
+    (one-cycle ``max_lr``); the cycle starts at ``lr / div_factor`` and ends at ``lr / div_factor / final_div_factor``.
+
+    Example:
+        >>> IPCLConfig(epochs=2, batch_size=16).n_samples
+        5
     """
 
     arch: str = "alexnet_gn"
@@ -449,7 +634,21 @@ def _mix(*values: int) -> int:
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The epoch's global batches of image indices: a permutation drawn from (seed, epoch), full batches only."""
+    """The epoch's global batches of image indices: a permutation drawn from (seed, epoch), full batches only.
+
+    Args:
+        n: the number of images.
+        batch_size: images per global batch.
+        seed: the run's seed.
+        epoch: the epoch (0-based): each epoch has its own order.
+
+    Returns:
+        ``n // batch_size`` batches of indices.
+
+    Example:
+        >>> epoch_batches(5, 2, seed=0, epoch=0) == epoch_batches(5, 2, seed=0, epoch=0)
+        True
+    """
     g = torch.Generator().manual_seed(_mix(seed, epoch, 1))
     order = torch.randperm(n, generator=g).tolist()
     return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
@@ -494,8 +693,17 @@ class _BatchSampler(torch.utils.data.Sampler):
 
 
 def rng_state() -> dict[str, Any]:
-    """torch / numpy / python / CUDA RNG states in types ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
+    """torch / numpy / python / CUDA RNG states in types ``torch.load(weights_only=True)`` accepts.
+
+    Returns:
+        The states, for a checkpoint; :func:`set_rng_state` restores them.
+
+    Example:
+        >>> state = rng_state(); a = torch.rand(1); set_rng_state(state)
+        >>> torch.equal(a, torch.rand(1))
+        True
+    """
+    np_state = cast("tuple[Any, ...]", np.random.get_state())  # the legacy tuple form (the default)
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {
@@ -513,6 +721,16 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states :func:`rng_state` saved (CUDA's only where CUDA is available).
+
+    Args:
+        state: what :func:`rng_state` returned (possibly through a checkpoint).
+
+    Example:
+        >>> state = rng_state(); a = np.random.rand(); set_rng_state(state)
+        >>> a == np.random.rand()
+        True
+    """
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(
@@ -531,7 +749,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @dataclass
 class TrainResult:
-    """What :func:`train_ipcl` returns: the per-epoch log, the per-step losses, the checkpoint."""
+    """What :func:`train_ipcl` returns: the per-epoch log, the per-step losses, the checkpoint.
+
+    Example:
+        >>> result = train_ipcl("images/", "runs/ipcl", epochs=1)  # doctest: +SKIP
+        >>> [row["epoch"] for row in result.history], result.checkpoint.name  # doctest: +SKIP
+        ([1], 'checkpoint.pth.tar')
+    """
 
     history: list[dict[str, Any]]
     step_losses: list[float]
@@ -551,14 +775,12 @@ def _distributed() -> tuple[int, int]:
 
 
 def _device(device: str, rank: int, world: int) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    """This rank's device: ``device`` resolved and checked (``auto``: cuda, then mps, then cpu); under DDP a bare
+    ``cuda`` is the rank's local GPU."""
+    dev = resolve_device(device)
     if dev.type == "cuda" and world > 1 and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LayertapError("--device cuda, but CUDA is not available", exit_code=1)
         torch.cuda.set_device(dev)
     return dev
 
@@ -591,7 +813,17 @@ def _save(obj: dict[str, Any], path: Path) -> None:
 
 
 def write_logs(out: Path, history: list[dict[str, Any]], step_losses: list[float], plot: bool) -> None:
-    """``log.csv`` (one row per epoch), ``log.json`` (plus per-step losses), ``training.png``."""
+    """Write ``log.csv`` (one row per epoch), ``log.json`` (plus per-step losses) and ``training.png``.
+
+    Args:
+        out: the run folder.
+        history: the per-epoch log rows.
+        step_losses: every step's loss.
+        plot: also draw ``training.png`` (:func:`plot_history`).
+
+    Example:
+        >>> write_logs(Path("runs/ipcl"), result.history, result.step_losses, plot=False)  # doctest: +SKIP
+    """
     if history:
         keys = list(history[0])
         with open(out / "log.csv", "w", newline="") as f:
@@ -604,18 +836,20 @@ def write_logs(out: Path, history: list[dict[str, Any]], step_losses: list[float
 
 
 def _require_matplotlib() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LayertapError("plots need matplotlib: pip install 'layertap[plots]'", exit_code=1) from None
-    return plt
+    require("matplotlib", "plots", "plotting the training history").use("Agg")
+    return require("matplotlib.pyplot", "plots", "plotting the training history")
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss (left axis) and kNN top-1 % (right axis) per epoch, as a PNG."""
+    """Loss (left axis) and kNN top-1 % (right axis) per epoch, as a PNG.
+
+    Args:
+        history: the per-epoch log rows (``epoch``, ``train_loss``, ``knn_top1``).
+        path: the PNG to write.
+
+    Example:
+        >>> plot_history(result.history, Path("runs/ipcl/training.png"))  # doctest: +SKIP
+    """
     plt = _require_matplotlib()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ep = [h["epoch"] for h in history]
@@ -654,23 +888,45 @@ def train_ipcl(
 ) -> TrainResult:
     """Train an IPCL model on the images of ``images`` and write a run folder ``out``.
 
-    ``config`` sets :class:`IPCLConfig` fields (``arch``, ``epochs``, ``batch_size``, ``lr``,
-    ``n_samples``, ``queue_size``, ``temperature``, ``loss``, ``layout``, ``augment="cpu"|"tensor"``,
-    ``size``, ...). Every epoch writes ``out/checkpoint.pth.tar`` (``state_dict`` with ``module.``
-    prefixes, loadable with ``lt.load_model("ipcl:alexnet_gn", weights=...)`` for alexnet_gn,
-    plus optimiser, scheduler, queue, Z, epoch, RNG states, config, log), ``log.csv``,
-    ``log.json`` and ``training.png``. ``val`` (a labelled folder) adds the kNN top-1 accuracy
-    against ``knn_train`` (default: ``images``, which must then be labelled).
+    Every epoch writes ``out/checkpoint.pth.tar`` (``state_dict`` with ``module.`` prefixes, loadable with
+    ``lt.load_model("ipcl:alexnet_gn", weights=...)`` for alexnet_gn, plus optimiser, scheduler, queue, Z, epoch,
+    RNG states, config, log), ``log.csv``, ``log.json`` and ``training.png``.
 
-    Divergence: a non-finite loss stops training at once with a :class:`LayertapError` that says
-    what to try (``out``'s checkpoint stays the last good epoch's). An exploding loss (an epoch's
-    mean loss above :data:`EXPLODING_RATIO` x the first epoch's, see :func:`exploding`) is a
-    warning, or with ``on_divergence="stop"`` the same error, before that epoch's checkpoint is saved.
+    Divergence: a non-finite loss stops training at once with a :class:`~layertap.errors.JobFailedError` that says
+    what to try (``out``'s checkpoint stays the last good epoch's). An exploding loss (an epoch's mean loss above
+    :data:`EXPLODING_RATIO` x the first epoch's, see :func:`exploding`) is a warning, or with
+    ``on_divergence="stop"`` the same error, before that epoch's checkpoint is saved.
 
-    ``resume=True`` continues ``out``'s checkpoint (or ``resume=path``) with its saved settings,
-    bit for bit as if never stopped; ``stop_after=E`` ends after epoch E (to resume later).
-    Under ``torchrun`` (or an initialised process group) it trains with DistributedDataParallel:
-    ``batch_size`` is global, the queue gathers all ranks, Z comes from all ranks, rank 0 writes.
+    Under ``torchrun`` (or an initialised process group) it trains with DistributedDataParallel: ``batch_size`` is
+    global, the queue gathers all ranks, Z comes from all ranks, rank 0 writes.
+
+    Args:
+        images: the training images (a folder, a list file or an :class:`~layertap.data.images.ImageSet`).
+        out: the run folder to write.
+        val: labelled validation images: adds the kNN top-1 accuracy to the log.
+        knn_train: the kNN memory bank's images (default: ``images``, which must then be labelled).
+        resume: True continues ``out``'s checkpoint (a path: that checkpoint) with its saved settings, bit for bit
+            as if never stopped.
+        overwrite: replace an existing run in ``out``.
+        stop_after: end after this epoch (to resume later).
+        keep_checkpoints: also keep every epoch's checkpoint.
+        device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        workers: image-decoding worker processes.
+        progress: show progress bars.
+        plot: write ``training.png`` (``"auto"``: when matplotlib is installed).
+        on_divergence: ``"warn"`` or ``"stop"`` when the loss explodes.
+        **config: :class:`IPCLConfig` fields (``arch``, ``epochs``, ``batch_size``, ``lr``, ``n_samples``,
+            ``queue_size``, ``temperature``, ``loss``, ``layout``, ``augment="cpu"|"tensor"``, ``size``, ...).
+
+    Returns:
+        The per-epoch log, the per-step losses, the checkpoint's path, the trained model and its config.
+
+    Raises:
+        LayertapError: bad settings or images; JobFailedError when training diverges.
+
+    Example:
+        >>> result = train_ipcl("images/", "runs/ipcl", epochs=2, batch_size=16, queue_size=64)  # doctest: +SKIP
+        >>> result.history[-1]["train_loss"], result.checkpoint  # doctest: +SKIP
     """
     out = Path(out)
     if on_divergence not in ON_DIVERGENCE:
@@ -791,7 +1047,11 @@ def train_ipcl(
                 x = tensor_aug(x, hw, u)
             x = to_layout(x, cfg.layout)  # (B, N, 3, S, S) -> (B*N, 3, S, S)
             sync = (b + 1) % cfg.batch_multiplier == 0 or b + 1 == n_batches
-            ctx = net.no_sync() if world > 1 and not sync else contextlib.nullcontext()
+            ctx = (
+                cast(nn.parallel.DistributedDataParallel, net).no_sync()  # world > 1: net is the DDP wrapper
+                if world > 1 and not sync
+                else contextlib.nullcontext()
+            )
             with ctx:
                 loss = criterion(net(x))
                 (loss / cfg.batch_multiplier).backward()
@@ -807,10 +1067,9 @@ def train_ipcl(
             losses.append(float(value))
             if not math.isfinite(losses[-1]):  # the same value on every rank (all-reduced): all stop
                 kept = f"{out / CHECKPOINT} (epoch {epoch})" if epoch else "no checkpoint (none was saved yet)"
-                raise LayertapError(
+                raise JobFailedError(
                     f"training diverged: the loss became {losses[-1]} at epoch {epoch + 1}, step {b + 1} of "
-                    f"{n_batches}; {_what_to_try(cfg)}, and train again with --overwrite (kept: {kept})",
-                    exit_code=1,
+                    f"{n_batches}; {_what_to_try(cfg)}, and train again with --overwrite (kept: {kept})"
                 )
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -839,9 +1098,8 @@ def train_ipcl(
         if why is not None:
             kept = f"{out / CHECKPOINT} (epoch {epoch})"
             if on_divergence == "stop":
-                raise LayertapError(
-                    f"training diverged: {why}; {_what_to_try(cfg)}, and train again with --overwrite (kept: {kept})",
-                    exit_code=1,
+                raise JobFailedError(
+                    f"training diverged: {why}; {_what_to_try(cfg)}, and train again with --overwrite (kept: {kept})"
                 )
             if rank == 0 and not warned:  # once: later epochs stay far above the first until it recovers
                 log.warning("the loss is exploding: %s; %s (or pass --on-divergence stop)", why, _what_to_try(cfg))
@@ -878,8 +1136,6 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _has_matplotlib() -> bool:
-    from layertap.models.registry import package_available
-
     return package_available("matplotlib")
 
 

@@ -27,10 +27,24 @@ def knn_predict(
     temperature: float = 0.07,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """Class scores for each query: (Q, n_classes), the summed ``exp(sim/T)`` votes.
+    """Class scores for each query: the summed ``exp(sim/T)`` votes of its k nearest bank items.
 
-    ``bank`` (N, D) and ``queries`` (Q, D) are l2-normalised here; ``bank_labels`` (N,) int64.
-    Queries are processed ``chunk`` at a time so memory is O(chunk * N).
+    Args:
+        bank: (N, D) features of the labelled bank (l2-normalised here).
+        bank_labels: (N,) int64 class indices.
+        queries: (Q, D) features to classify (l2-normalised here).
+        n_classes: the number of classes.
+        k: neighbours that vote.
+        temperature: T of the votes' weights.
+        chunk: queries processed at a time, so memory is O(chunk * N).
+
+    Returns:
+        (Q, n_classes) scores.
+
+    Example:
+        >>> bank, labels = torch.eye(2), torch.tensor([0, 1])
+        >>> knn_predict(bank, labels, torch.tensor([[1.0, 0.1]]), n_classes=2, k=1).argmax(1)
+        tensor([0])
     """
     bank = F.normalize(bank.float(), dim=1)
     queries = F.normalize(queries.float().to(bank.device), dim=1)
@@ -54,7 +68,25 @@ def knn_accuracy(
     k: int = 200,
     temperature: float = 0.07,
 ) -> float:
-    """Top-1 kNN accuracy in percent (0-100)."""
+    """Top-1 kNN accuracy in percent (0-100).
+
+    Args:
+        bank: (N, D) features of the labelled bank.
+        bank_labels: (N,) int64 class indices.
+        queries: (Q, D) features to classify.
+        query_labels: (Q,) their true classes.
+        n_classes: the number of classes.
+        k: neighbours that vote.
+        temperature: T of the votes' weights.
+
+    Returns:
+        The percentage of queries whose top class is their label.
+
+    Example:
+        >>> bank, labels = torch.eye(2), torch.tensor([0, 1])
+        >>> knn_accuracy(bank, labels, torch.eye(2), torch.tensor([0, 0]), n_classes=2, k=1)
+        50.0
+    """
     scores = knn_predict(bank, bank_labels, queries, n_classes, k, temperature)
     pred = scores.argmax(dim=1).cpu()
     return float((pred == query_labels.cpu().long()).float().mean() * 100) if len(pred) else float("nan")
@@ -80,14 +112,44 @@ def embed(
     batch_size: int = 64,
     workers: int = 0,
 ) -> torch.Tensor:
-    """Run ``forward`` (already in eval mode) on every image: (N, D) float32 features on ``device``."""
+    """Run ``forward`` (already in eval mode) on every image: (N, D) float32 features on ``device``.
+
+    Args:
+        forward: images (B, C, H, W) -> features (B, ...), flattened here.
+        paths: the image files.
+        transform: one image -> input tensor.
+        device: where the batches and features go.
+        batch_size: images per forward pass.
+        workers: decoding worker processes.
+
+    Returns:
+        One row per image, in ``paths`` order.
+
+    Example:
+        >>> feats = embed(model.eval(), imageset.paths, eval_transform(224), torch.device("cpu"))  # doctest: +SKIP
+    """
     loader = torch.utils.data.DataLoader(_EvalSet(paths, transform), batch_size=batch_size, num_workers=workers)
     out = [forward(x.to(device)).flatten(1).float() for x in loader]
     return torch.cat(out)
 
 
 def labelled(imageset: ImageSet, what: str, classes: list[str] | None = None) -> torch.Tensor:
-    """Targets of a labelled image set as int64, re-indexed to ``classes`` (the training classes)."""
+    """Targets of a labelled image set as int64, re-indexed to ``classes`` (the training classes).
+
+    Args:
+        imageset: a set with class folders.
+        what: how messages name the set (``"--val"``, ...).
+        classes: the class names the indices refer to (default: the set's own).
+
+    Returns:
+        (N,) class indices.
+
+    Raises:
+        LayertapError: the set is not labelled, or has classes ``classes`` lacks.
+
+    Example:
+        >>> labelled(ImageSet.from_path("val/"), "val").shape  # doctest: +SKIP
+    """
     if imageset.targets is None or imageset.classes is None:
         raise LayertapError(f"{what} must be a folder of class subfolders (or a list with a class column)")
     if classes is None:
@@ -110,7 +172,26 @@ def knn_eval(
     batch_size: int = 64,
     workers: int = 0,
 ) -> float:
-    """kNN top-1 (%) of ``val`` against ``train`` on the model's output (the l2-normalised embedding)."""
+    """kNN top-1 (%) of ``val`` against ``train`` on the model's output (the l2-normalised embedding).
+
+    Args:
+        model: the network (its output is the embedding).
+        train: the labelled bank images.
+        val: the labelled query images (classes among ``train``'s).
+        transform: one image -> input tensor (the evaluation transform).
+        device: where to run.
+        k: neighbours that vote.
+        temperature: T of the votes' weights.
+        batch_size: images per forward pass.
+        workers: decoding worker processes.
+
+    Returns:
+        The top-1 accuracy in percent.
+
+    Example:
+        >>> knn_eval(net, ImageSet.from_path("train/"), ImageSet.from_path("val/"), eval_transform(),
+        ...          torch.device("cpu"))  # doctest: +SKIP
+    """
     train_y = labelled(train, "the kNN training images")
     val_y = labelled(val, "the kNN validation images", train.classes)
     was_training = model.training

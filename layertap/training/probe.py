@@ -22,15 +22,21 @@ from torch import nn
 from layertap.data.images import ImageSet
 from layertap.errors import LayertapError
 from layertap.extraction.layers import resolve_layers
-from layertap.extraction.pipeline import Extractor
+from layertap.extraction.tap import Extractor
 from layertap.models.registry import LoadedModel
-from layertap.training.ipcl import _device, _progress, load_trained
+from layertap.training.ipcl import _device, _mix, _progress, load_trained
 from layertap.training.knn import _EvalSet, labelled
 
 
 @dataclass
 class ProbeResult:
-    """Top-1 accuracies (%) of the probe on the validation and training images, per-epoch log."""
+    """Top-1 accuracies (%) of the probe on the validation and training images, per-epoch log.
+
+    Example:
+        >>> result = linear_probe("runs/ipcl", "fc7", "train/", "val/", epochs=2)  # doctest: +SKIP
+        >>> result.layer, result.n_features  # doctest: +SKIP
+        ('fc7', 4096)
+    """
 
     layer: str
     val_top1: float
@@ -56,6 +62,19 @@ class _Labelled(_EvalSet):
         return super().__getitem__(i), self.targets[i]
 
 
+class _Augmented(_Labelled):
+    """Training images with random crops drawn from (seed, epoch, image): the same crops whatever the worker count."""
+
+    def __init__(self, paths: list[str], targets: torch.Tensor, transform: Any, seed: int) -> None:
+        super().__init__(paths, targets, transform)
+        self.seed, self.epoch = seed, 0  # the loop sets epoch before each pass (workers copy the dataset then)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, self.epoch, i, 4))
+            return super().__getitem__(i)
+
+
 def linear_probe(
     model: str | os.PathLike[str] | LoadedModel,
     layer: str,
@@ -78,9 +97,31 @@ def linear_probe(
 ) -> ProbeResult:
     """Train a linear readout of ``layer`` on labelled ``images``; report top-1 on ``val`` (%).
 
-    ``model``: a training run folder / checkpoint (:func:`load_trained`) or a LoadedModel.
-    ``out``: a JSON file for the result (default: ``RUN/linear_probe_<layer>.json`` when
-    ``model`` is a run folder; nothing otherwise).
+    Args:
+        model: a training run folder / checkpoint (:func:`~layertap.training.load_trained`) or a LoadedModel.
+        layer: the layer whose (flattened) output feeds the readout.
+        images: labelled training images.
+        val: labelled validation images.
+        epochs: training epochs.
+        batch_size: images per step.
+        lr: the one-cycle schedule's peak learning rate.
+        div_factor: the schedule starts at ``lr / div_factor``.
+        pct_start: the fraction of steps spent warming up.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        augment: ``"crop-flip"`` (random resized crop + flip) or ``"none"``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        workers: decoding worker processes.
+        seed: the seed of the readout's initialisation and the data order.
+        out: a JSON file for the result (default: ``RUN/linear_probe_<layer>.json`` when ``model`` is a run
+            folder; nothing otherwise).
+        progress: show progress bars.
+
+    Returns:
+        The accuracies and the per-epoch log.
+
+    Example:
+        >>> linear_probe("runs/ipcl", "conv_block_5", "train/", "val/", epochs=5).val_top1  # doctest: +SKIP
     """
     from torchvision import transforms as T
 
@@ -104,8 +145,13 @@ def linear_probe(
         norm = [t for t in getattr(loaded.transform, "transforms", []) if isinstance(t, T.Normalize)]
         train_tf = T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(), *norm])
     gen = torch.Generator().manual_seed(seed)
+    train_data = (
+        _Augmented(train_set.paths, train_y, train_tf, seed)
+        if augment == "crop-flip"
+        else _Labelled(train_set.paths, train_y, train_tf)
+    )
     train_loader = torch.utils.data.DataLoader(
-        _Labelled(train_set.paths, train_y, train_tf),
+        train_data,
         batch_size=batch_size,
         shuffle=True,
         generator=gen,
@@ -135,6 +181,8 @@ def linear_probe(
         for epoch in range(epochs):
             total, correct, loss_sum = 0, 0, 0.0
             if cached is None:
+                if isinstance(train_data, _Augmented):
+                    train_data.epoch = epoch
                 batches = ((tap(x.to(dev))[name].flatten(1).float().clone(), y.to(dev)) for x, y in train_loader)
             else:
                 perm = torch.randperm(len(cached[1]), generator=gen).to(dev)

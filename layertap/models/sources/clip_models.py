@@ -13,23 +13,32 @@ name's default tag), recorded as ``quick_gelu`` in the provenance; ``quick_gelu=
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from layertap.errors import LayertapError, option_spelling
-from layertap.models.registry import (
-    LoadedModel,
-    Source,
-    finish_loading,
-    library_root_logging,
-    register_source,
-    seeded_build,
-    weights_unavailable,
-)
+from layertap.models.registry import Built, Source, library_root_logging, register_source
+from layertap.models.weights import Pretrained, Weights, seeded_build, weights_unavailable
 
 
 def pretrained_tag(open_clip: Any, name: str, weights: str) -> str:
-    """The open_clip tag that ``weights`` means: 'pretrained' -> 'openai' where published, else the first tag."""
+    """The open_clip tag that ``weights`` means: 'pretrained' -> 'openai' where published, else the first tag.
+
+    Args:
+        open_clip: the imported package.
+        name: the model config name (``ViT-B-32``).
+        weights: ``"pretrained"`` or a published tag (``laion2b_s34b_b79k``).
+
+    Returns:
+        The tag.
+
+    Raises:
+        LayertapError: an unknown tag, or no published weights for ``name``.
+
+    Example:
+        >>> import open_clip  # doctest: +SKIP
+        >>> pretrained_tag(open_clip, "ViT-B-32", "pretrained")  # doctest: +SKIP
+        'openai'
+    """
     tags = [t for n, t in open_clip.list_pretrained() if n == name]
     if weights != "pretrained":
         if weights not in tags:
@@ -38,7 +47,9 @@ def pretrained_tag(open_clip: Any, name: str, weights: str) -> str:
             )
         return weights
     if not tags:
-        raise LayertapError(f"open_clip publishes no weights for {name}; use {option_spelling('weights', 'random')} or a weights file")
+        raise LayertapError(
+            f"open_clip publishes no weights for {name}; use {option_spelling('weights', 'random')} or a weights file"
+        )
     return "openai" if "openai" in tags else tags[0]
 
 
@@ -57,6 +68,11 @@ def activation_args(open_clip: Any, name: str, tag: str | None, options: dict[st
 
     Returns:
         (extra keyword arguments, whether the model uses QuickGELU).
+
+    Example:
+        >>> import open_clip  # doctest: +SKIP
+        >>> activation_args(open_clip, "ViT-B-32", "openai", {})  # doctest: +SKIP
+        ({'force_quick_gelu': True}, True)
     """
     base = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
     if "quick_gelu" in options:
@@ -78,15 +94,18 @@ class ClipSource(Source):
     def list_models(self) -> list[str]:
         return list(self.lib().list_models())
 
-    def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
+    def pretrained_names(self) -> set[str]:
+        return {n for n, _tag in self.lib().list_pretrained()}
+
+    def build(self, name: str, weights: Weights, seed: int, **options: Any) -> Built:
         # open_clip logs through the root logger (logging.info/error), which would configure it.
         with library_root_logging():
-            return self._load(name, weights, seed, **options)
+            return self._build(name, weights, seed, **options)
 
-    def _load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
+    def _build(self, name: str, weights: Weights, seed: int, **options: Any) -> Built:
         open_clip = self.lib()
         published = [t for n, t in open_clip.list_pretrained() if n == name]
-        if isinstance(weights, Path) or weights == "random":
+        if not isinstance(weights, Pretrained):
             # Untrained or user weights: the architecture of the name's default published weights
             # (OpenAI's QuickGELU for ViT-B-32), as torchvision's random weights use the default's transform.
             tag = pretrained_tag(open_clip, name, "pretrained") if published else None
@@ -96,15 +115,13 @@ class ClipSource(Source):
             )
             weights_id = None
         else:
-            tag = pretrained_tag(open_clip, name, weights)
+            tag = pretrained_tag(open_clip, name, weights.id)
             extra, quick = activation_args(open_clip, name, tag, options)
             try:
                 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, **extra, **options)
             except Exception as err:  # noqa: BLE001 - network and cache errors all mean "not available"
                 hub = open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "").strip("/").split("/")
-                cache = (
-                    f" in {_hf_cache()}/models--{'--'.join(hub[:2])}" if len(hub) >= 2 else " in ~/.cache/clip"
-                )
+                cache = f" in {_hf_cache()}/models--{'--'.join(hub[:2])}" if len(hub) >= 2 else " in ~/.cache/clip"
                 raise weights_unavailable(
                     f"CLIP weights {name}/{tag}",
                     err,
@@ -119,19 +136,18 @@ class ClipSource(Source):
         )
         size = getattr(visual, "image_size", 224)
         size = size if isinstance(size, (tuple, list)) else (size, size)
-        return finish_loading(
+        return Built(
             visual,
             preprocess,
-            f"clip:{name}",
             (3, int(size[0]), int(size[1])),
-            weights,
-            seed,
             weights_id,
             {"quick_gelu": quick, "architecture_of": f"{name}/{tag}" if tag else name},
             weights_target=model,
-            num_prefix_tokens=1 if transformer is not None else 0,
-            sequence_first=seq_first,
-            components={"clip": model, "tokenizer": open_clip.get_tokenizer(name)},
+            fields={
+                "num_prefix_tokens": 1 if transformer is not None else 0,
+                "sequence_first": seq_first,
+                "components": {"clip": model, "tokenizer": open_clip.get_tokenizer(name)},
+            },
         )
 
 

@@ -18,15 +18,9 @@ from torch import nn
 
 from layertap.errors import LayertapError
 from layertap.hashing import file_sha256
-from layertap.models.registry import (
-    LoadedModel,
-    Source,
-    finish_loading,
-    imagenet_transform,
-    module_fingerprint,
-    register_source,
-    seeded_build,
-)
+from layertap.models.registry import Built, LoadedModel, Source, register_source
+from layertap.models.transforms import imagenet_transform
+from layertap.models.weights import Pretrained, Weights, module_fingerprint, seeded_build
 
 _SPEC = re.compile(r"^(?P<file>.+\.py):(?P<factory>[A-Za-z_]\w*)$")
 
@@ -41,7 +35,7 @@ class CustomSource(Source):
     def has_model(self, name: str) -> bool:
         return _SPEC.match(name) is not None
 
-    def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
+    def build(self, name: str, weights: Weights, seed: int, **options: Any) -> Built:
         m = _SPEC.match(name)
         assert m is not None
         path = Path(m["file"])
@@ -68,24 +62,11 @@ class CustomSource(Source):
         else:
             raise LayertapError(f"{name} returned {type(built).__name__}; return an nn.Module or (module, transform)")
         extra = {"file": str(path.resolve()), "file_sha256": file_sha256(path), "factory": m["factory"]}
-        loaded = finish_loading(
-            module,
-            transform or imagenet_transform(crop=size[-1]),
-            f"custom:{name}",
-            size,
-            "random" if weights == "pretrained" else weights,
-            seed,
-            None,
-            extra,
-        )
-        if weights == "pretrained":
+        recorded = None
+        if isinstance(weights, Pretrained) and weights.default:
             # the factory may read weights from anywhere: fingerprint what it built
-            loaded.provenance["weights"] = {
-                "kind": "as built by the factory",
-                "seed": seed,
-                "sha256": module_fingerprint(loaded.module),
-            }
-        return loaded
+            recorded = {"kind": "as built by the factory", "seed": seed, "sha256": module_fingerprint(module)}
+        return Built(module, transform or imagenet_transform(crop=size[-1]), size, extra=extra, recorded=recorded)
 
 
 register_source(CustomSource())

@@ -20,18 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from layertap.errors import LayertapError, option_spelling
-from layertap.models.registry import (
-    LoadedModel,
-    Source,
-    finish_loading,
-    imagenet_transform,
-    register_source,
-    seeded_build,
-    weights_unavailable,
-)
+from layertap.models.registry import Built, Source, register_source
+from layertap.models.transforms import imagenet_transform
+from layertap.models.weights import Pretrained, Weights, seeded_build, weights_unavailable
 
 KNOWN = [
     "google/vit-base-patch16-224",
@@ -50,7 +45,13 @@ _BLOCK_LISTS = ("layer", "layers", "stages", "block", "blocks")
 
 
 class ImageProcessorTransform:
-    """A Hugging Face image processor as a PIL -> (C, H, W) tensor transform (picklable)."""
+    """A Hugging Face image processor as a PIL -> (C, H, W) tensor transform (picklable).
+
+    Example:
+        >>> from transformers import ViTImageProcessor  # doctest: +SKIP
+        >>> ImageProcessorTransform(ViTImageProcessor())(Image.new("RGB", (64, 48))).shape  # doctest: +SKIP
+        torch.Size([3, 224, 224])
+    """
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
@@ -79,7 +80,18 @@ class ImageProcessorTransform:
 
 
 def hidden_state_aliases(module: nn.Module) -> dict[str, str]:
-    """``hidden_states.i`` -> module name: the embeddings, then each block of the first block list."""
+    """``hidden_states.i`` -> module name: the embeddings, then each block of the first block list.
+
+    Args:
+        module: a transformers model.
+
+    Returns:
+        The aliases (empty when the model has no block list).
+
+    Example:
+        >>> hidden_state_aliases(load_model("hf:vit", "random").module)["hidden_states.1"]  # doctest: +SKIP
+        'encoder.layer.0'
+    """
     named = dict(module.named_modules())
     if "embeddings" not in named:
         return {}
@@ -104,6 +116,12 @@ def default_image_processor(transformers: Any, cfg: Any, overrides: Mapping[str,
 
     Returns:
         The processor, or None when the type has no image processor.
+
+    Example:
+        >>> import transformers  # doctest: +SKIP
+        >>> cfg = transformers.AutoConfig.for_model("vit", image_size=32)  # doctest: +SKIP
+        >>> default_image_processor(transformers, cfg, {}).size  # doctest: +SKIP
+        {'height': 32, 'width': 32}
     """
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
 
@@ -172,12 +190,15 @@ class HFSource(Source):
     def list_models(self) -> list[str]:
         return list(KNOWN)
 
+    def pretrained_names(self) -> set[str]:
+        return {n for n in self.list_models() if "/" in n}  # hub checkpoints; bare types are untrained
+
     def has_model(self, name: str) -> bool:
         if name.count("/") == 1 or os.path.isdir(name):
             return True
         return name in self.lib().CONFIG_MAPPING
 
-    def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
+    def build(self, name: str, weights: Weights, seed: int, **options: Any) -> Built:
         transformers = self.lib()
         overrides = _mapping_option(options.pop("config", None), "config", """config={"hidden_size": 384}""")
         proc_settings = _mapping_option(
@@ -191,7 +212,7 @@ class HFSource(Source):
         processor = None
         weights_id = None
         try:
-            if isinstance(weights, Path) or weights == "random":
+            if not isinstance(weights, Pretrained):
                 if is_type:
                     cfg = transformers.AutoConfig.for_model(name, **overrides)
                     processor = default_image_processor(transformers, cfg, proc_settings)
@@ -204,7 +225,7 @@ class HFSource(Source):
                     raise LayertapError(
                         f"'{name}' is a model type, not a checkpoint: give a hub id or use {option_spelling('weights', 'random')}"
                     )
-                revision = None if weights == "pretrained" else weights  # any other string is a hub revision
+                revision = None if weights.default else weights.id  # any other id is a hub revision
                 module = transformers.AutoModel.from_pretrained(name, revision=revision, **overrides)
                 processor = transformers.AutoImageProcessor.from_pretrained(name, revision=revision, **proc_settings)
                 weights_id = f"{name}@{_snapshot_commit(name, revision) or revision or 'main'}"
@@ -221,7 +242,6 @@ class HFSource(Source):
         if processor is not None:
             transform: Any = ImageProcessorTransform(processor)
             # the processor's output size, measured (resize/crop rules differ between processors)
-            from PIL import Image
 
             probe = transform(Image.new("RGB", (3 * size, 2 * size)))
             input_size = (3, int(probe.shape[-2]), int(probe.shape[-1]))
@@ -230,21 +250,16 @@ class HFSource(Source):
             input_size = (3, size, size)
         has_cls = getattr(getattr(module, "embeddings", None), "cls_token", None) is not None
         prefix = (1 if has_cls else 0) + int(getattr(module.config, "num_register_tokens", 0) or 0)
-        return finish_loading(
+        return Built(
             module,
             transform,
-            f"hf:{name}",
             input_size,
-            weights,
-            seed,
             weights_id,
             {
                 **({"config": dict(overrides)} if overrides else {}),
                 **({"processor": dict(proc_settings)} if proc_settings else {}),
-            }
-            or None,
-            num_prefix_tokens=prefix,
-            layer_aliases=hidden_state_aliases(module),
+            },
+            fields={"num_prefix_tokens": prefix, "layer_aliases": hidden_state_aliases(module)},
         )
 
 

@@ -20,16 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from layertap.errors import LayertapError, close_matches
+from layertap.errors import LayertapError, UnavailableError, close_matches
 from layertap.hashing import file_sha256
-from layertap.models.registry import (
-    LoadedModel,
-    Source,
+from layertap.models.registry import Built, Source, register_source
+from layertap.models.weights import (
+    Pretrained,
+    Random,
+    Weights,
     apply_state_dict,
-    finish_loading,
     read_state_dict,
-    register_source,
     seeded_build,
+    weights_provenance,
     weights_unavailable,
 )
 
@@ -198,7 +199,12 @@ TRANSFORMS = {"stimulus": (224, 224), "validation": (256, 224)}
 
 
 class L2Norm(nn.Module):
-    """Divide each row by its l2 norm (the IPCL embedding lives on the unit sphere)."""
+    """Divide each row by its l2 norm (the IPCL embedding lives on the unit sphere).
+
+    Example:
+        >>> L2Norm()(torch.tensor([[3.0, 4.0]]))
+        tensor([[0.6000, 0.8000]])
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x / x.pow(2).sum(dim=1, keepdim=True).sqrt()
@@ -217,7 +223,12 @@ def _fc(cin: int, cout: int) -> nn.Sequential:
 
 class AlexNetGN(nn.Module):
     """AlexNet with GroupNorm (32 groups) after each conv, BatchNorm in fc6/fc7, an ``out_dim`` head
-    and (for IPCL) l2 normalisation. Parameter names match the released checkpoints."""
+    and (for IPCL) l2 normalisation. Parameter names match the released checkpoints.
+
+    Example:
+        >>> AlexNetGN(out_dim=128).eval()(torch.zeros(1, 3, 224, 224)).shape
+        torch.Size([1, 128])
+    """
 
     def __init__(self, out_dim: int = 128, l2norm: bool = True) -> None:
         super().__init__()
@@ -240,6 +251,25 @@ class AlexNetGN(nn.Module):
 
 
 def ipcl_transform(kind: str, mean: list[float], std: list[float]) -> Any:
+    """An IPCL model's preprocessing.
+
+    Args:
+        kind: ``"stimulus"`` (Resize(224) + CenterCrop(224): keeps a centred stimulus whole) or ``"validation"``
+            (Resize(256) + CenterCrop(224), the usual ImageNet evaluation crop).
+        mean: per-channel mean of the model's training normalisation.
+        std: per-channel standard deviation.
+
+    Returns:
+        PIL image -> normalised (3, 224, 224) tensor.
+
+    Raises:
+        LayertapError: an unknown kind.
+
+    Example:
+        >>> from PIL import Image
+        >>> ipcl_transform("validation", IMAGENET[0], IMAGENET[1])(Image.new("RGB", (300, 260))).shape
+        torch.Size([3, 224, 224])
+    """
     from torchvision import transforms as T
 
     if kind not in TRANSFORMS:
@@ -257,10 +287,13 @@ class IPCLSource(Source):
     def list_models(self) -> list[str]:
         return ["alexnet_gn", *CONFIGS]
 
+    def pretrained_names(self) -> set[str]:
+        return {n for n, cfg in CONFIGS.items() if cfg.get("url")}
+
     def model_info(self, name: str) -> dict[str, Any]:
         return dict(CONFIGS.get(name, {"type": "architecture", "details": "AlexNet-GN, 128-d l2-normalised head"}))
 
-    def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
+    def build(self, name: str, weights: Weights, seed: int, **options: Any) -> Built:
         transform_kind = options.pop("transform", "stimulus")
         cfg = CONFIGS.get(
             name,
@@ -277,28 +310,27 @@ class IPCLSource(Source):
             raise LayertapError(f"IPCL models take only transform=stimulus|validation (got {', '.join(options)})")
         module = seeded_build(lambda: AlexNetGN(cfg["out_dim"], cfg["l2norm"]), seed)
         weights_id = None
-        if weights == "pretrained":
+        recorded = None
+        if isinstance(weights, Pretrained) and weights.default:
             if name == "alexnet_gn":
                 raise LayertapError(
                     "alexnet_gn is the bare architecture: choose ipcl1..ipcl16, a weights file or 'random'"
                 )
             if cfg["url"] is None:  # ipcl16 *is* the untrained control model
-                weights = "random"
+                recorded = weights_provenance(Random(), seed)
             else:
                 weights_id = f"{name}:{Path(cfg['url']).name}"
                 apply_state_dict(module, _download(cfg["url"], name), f"ipcl:{name}")
-        elif not isinstance(weights, Path) and weights != "random":
-            raise LayertapError(f"IPCL weights must be 'pretrained', 'random' or a checkpoint file, not '{weights}'")
+        elif isinstance(weights, Pretrained):
+            raise LayertapError(f"IPCL weights must be 'pretrained', 'random' or a checkpoint file, not '{weights.id}'")
         info = {k: cfg[k] for k in ("type", "training_data", "details", "ref") if k in cfg}
-        return finish_loading(
+        return Built(
             module,
             ipcl_transform(transform_kind, cfg["mean"], cfg["std"]),
-            f"ipcl:{name}",
             (3, 224, 224),
-            weights,
-            seed,
             weights_id,
             {"ipcl": info, "ipcl_transform": transform_kind, **({"url": cfg["url"]} if weights_id else {})},
+            recorded=recorded,
         )
 
 
@@ -335,10 +367,9 @@ def _download(url: str, name: str) -> dict[str, torch.Tensor]:
             torch.hub.download_url_to_file(url, str(cache), hash_prefix=prefix, progress=True)
     except Exception as err:  # noqa: BLE001 - network and disk errors all mean "not available"
         if "invalid hash value" in str(err):  # torch hub removed the download: nothing bad is cached
-            raise LayertapError(
+            raise UnavailableError(
                 f"the download of {url} for ipcl:{name} does not have the published sha256 ({prefix}...): "
-                "it was corrupted or the file changed; try again, or pass a checkpoint file you trust as weights",
-                exit_code=1,
+                "it was corrupted or the file changed; try again, or pass a checkpoint file you trust as weights"
             ) from None
         raise weights_unavailable(
             f"pretrained weights for {name}",
@@ -348,11 +379,10 @@ def _download(url: str, name: str) -> dict[str, torch.Tensor]:
     if prefix is not None:
         digest = file_sha256(cache)
         if not digest.startswith(prefix):
-            raise LayertapError(
+            raise UnavailableError(
                 f"the cached checkpoint {cache} for ipcl:{name} has sha256 {digest[:10]}..., not the published "
                 f"{prefix}...: it is damaged or another file; delete it (it is downloaded again) or pass your own "
-                "checkpoint file as weights",
-                exit_code=1,
+                "checkpoint file as weights"
             )
     return read_state_dict(cache)
 

@@ -6,17 +6,10 @@ Preprocessing is timm's own data config for the model (``resolve_model_data_conf
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from layertap.models.registry import (
-    LoadedModel,
-    Source,
-    finish_loading,
-    register_source,
-    seeded_build,
-    weights_unavailable,
-)
+from layertap.models.registry import Built, Source, register_source
+from layertap.models.weights import Pretrained, Weights, seeded_build, weights_unavailable
 
 
 class TimmSource(Source):
@@ -28,19 +21,22 @@ class TimmSource(Source):
     def list_models(self) -> list[str]:
         return list(self.lib().list_models())
 
+    def pretrained_names(self) -> set[str]:
+        return {n.split(".", 1)[0] for n in self.lib().list_pretrained()}
+
     def has_model(self, name: str) -> bool:
         timm = self.lib()
         return bool(timm.is_model(name.split(".", 1)[0]))
 
-    def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
+    def build(self, name: str, weights: Weights, seed: int, **options: Any) -> Built:
         timm = self.lib()
         arch = name.split(".", 1)[0]
-        if isinstance(weights, Path) or weights == "random":
+        if not isinstance(weights, Pretrained):
             module = seeded_build(lambda: timm.create_model(name, pretrained=False, **options), seed)
             weights_id = None
         else:
             # weights="pretrained" -> the name's default tag; any other string is a timm pretrained tag
-            full = name if weights == "pretrained" else f"{arch}.{weights}"
+            full = name if weights.default else f"{arch}.{weights.id}"
             try:
                 module = timm.create_model(full, pretrained=True, **options)
             except Exception as err:  # noqa: BLE001 - hub, network and cache errors all mean "not available"
@@ -53,16 +49,13 @@ class TimmSource(Source):
             weights_id = f"{arch}.{cfg.get('tag')}" if cfg.get("tag") else full
         data = timm.data.resolve_model_data_config(module)
         transform = timm.data.create_transform(**data, is_training=False)
-        return finish_loading(
+        return Built(
             module,
             transform,
-            f"timm:{name}",
             tuple(int(v) for v in data["input_size"]),
-            weights,
-            seed,
             weights_id,
             {"data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()}},
-            num_prefix_tokens=int(getattr(module, "num_prefix_tokens", 0)),
+            fields={"num_prefix_tokens": int(getattr(module, "num_prefix_tokens", 0))},
         )
 
 

@@ -9,14 +9,8 @@ from typing import Any
 import torch
 
 from layertap.errors import LayertapError, close_matches
-from layertap.models.registry import (
-    LoadedModel,
-    Source,
-    finish_loading,
-    register_source,
-    seeded_build,
-    weights_unavailable,
-)
+from layertap.models.registry import Built, Source, register_source
+from layertap.models.weights import Pretrained, Weights, seeded_build, weights_unavailable
 
 
 @cache
@@ -49,6 +43,18 @@ class TorchvisionSource(Source):
     def has_model(self, name: str) -> bool:
         return name in _names()
 
+    def pretrained_names(self) -> set[str]:
+        import torchvision.models as tvm
+
+        out = set()
+        for model in self.list_models():
+            try:
+                if list(tvm.get_model_weights(model)):
+                    out.add(model)
+            except (ValueError, KeyError):
+                continue
+        return out
+
     def _weights_enum(self, name: str, weights: str):  # noqa: ANN202 - a torchvision WeightsEnum member
         import torchvision.models as tvm
 
@@ -65,20 +71,20 @@ class TorchvisionSource(Source):
                 f"{', '.join(ids)}, 'pretrained', 'random' or a weights file"
             ) from None
 
-    def load(self, name: str, weights: str | Path, seed: int, **options: Any) -> LoadedModel:
+    def build(self, name: str, weights: Weights, seed: int, **options: Any) -> Built:
         import torchvision.models as tvm
 
         if options:
             raise LayertapError(f"torchvision models take no options (got {', '.join(options)})")
         default = tvm.get_model_weights(name).DEFAULT
-        if isinstance(weights, Path) or weights == "random":
+        if not isinstance(weights, Pretrained):
             # Untrained or user weights: the architecture's own preprocessing (its default
             # weights' transform parameters: resize/crop sizes, interpolation, ImageNet stats).
             module = seeded_build(lambda: tvm.get_model(name, weights=None), seed)
             chosen = default
             weights_id = None
         else:
-            chosen = self._weights_enum(name, weights)
+            chosen = self._weights_enum(name, weights.id)
             weights_id = f"{type(chosen).__name__}.{chosen.name}"
             try:
                 # get_model with a weights enum applies the builder's weight-specific settings
@@ -97,10 +103,8 @@ class TorchvisionSource(Source):
         # Video models take (B, C, T, H, W) clips; their transform takes (T, C, H, W) uint8 frames.
         size = (3, VIDEO_CLIP_LEN, crop, crop) if name in _video_names() else (3, crop, crop)
         # MViT's blocks return (B, 1 + tokens, D) with a class token first (for --reduce cls/mean).
-        fields = {"num_prefix_tokens": 1} if name.startswith("mvit") else {}
-        return finish_loading(
-            module, transform, f"torchvision:{name}", size, weights, seed, weights_id, extra, **fields
-        )
+        fields: dict[str, Any] = {"num_prefix_tokens": 1} if name.startswith("mvit") else {}
+        return Built(module, transform, size, weights_id, extra, fields=fields)
 
 
 register_source(TorchvisionSource())

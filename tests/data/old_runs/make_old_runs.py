@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import layertap as lt
-from layertap.store import run as storage
+from layertap.store import writer as storage
 
 out = Path(sys.argv[1])
 shutil.rmtree(out, ignore_errors=True)

@@ -1,7 +1,7 @@
-"""Beyond one process: shards from Slurm job arrays / torchrun / ``--shard``, sbatch scripts, a launcher.
+"""Slurm: sbatch scripts for a sharded extraction (a job array of shards, then a merge job).
 
-A sharded extraction writes ``OUT/shards/<i>-of-<n>/`` (each an ordinary, resumable run) and is
-merged into ``OUT`` by :func:`layertap.storage.merge_shards`, byte-identical to an unsharded run.
+Each array task runs ``layertap extract ... --no-merge`` and finds its shard in ``SLURM_ARRAY_TASK_ID``
+(:func:`layertap.shards.spec.shard_from_env`); the merge job runs ``layertap merge``.
 """
 
 from __future__ import annotations
@@ -9,79 +9,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 from layertap.errors import LayertapError
-
-SHARDS = "shards"
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` (0-based i) -> (i, n)."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise LayertapError(f"--shard must look like i/n (0-based), e.g. 0/4; got '{text}'") from None
-    if n < 1 or not 0 <= i < n:
-        raise LayertapError(f"--shard {text}: i must be in 0..n-1")
-    return i, n
-
-
-def shard_from_env(env: dict[str, str] | None = None) -> tuple[int, int] | None:
-    """The shard this process should take: ``LAYERTAP_SHARD``, a Slurm job array task, or a torchrun rank.
-
-    Slurm: index = (SLURM_ARRAY_TASK_ID - MIN) / STEP, count = SLURM_ARRAY_TASK_COUNT (or
-    (MAX - MIN) / STEP + 1). torchrun: RANK of WORLD_SIZE. A single task means no sharding.
-    """
-    env = dict(os.environ if env is None else env)
-    if env.get("LAYERTAP_SHARD"):
-        return parse_shard(env["LAYERTAP_SHARD"])
-    if "SLURM_ARRAY_TASK_ID" in env:
-        task = int(env["SLURM_ARRAY_TASK_ID"])
-        lo = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        step = int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
-        if "SLURM_ARRAY_TASK_COUNT" in env:
-            count = int(env["SLURM_ARRAY_TASK_COUNT"])
-        else:
-            count = (int(env.get("SLURM_ARRAY_TASK_MAX", task)) - lo) // step + 1
-        index = (task - lo) // step
-        return (index, count) if count > 1 else None
-    if int(env.get("WORLD_SIZE", 1)) > 1 and "RANK" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"])
-    return None
-
-
-def resolve_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    if shard is None:
-        return None
-    if shard == "auto":
-        return shard_from_env()
-    if isinstance(shard, str):
-        return parse_shard(shard)
-    i, n = shard
-    return parse_shard(f"{i}/{n}")
-
-
-def shard_device() -> str:
-    """Device for a shard process: ``LAYERTAP_DEVICE``, else cuda:LOCAL_RANK under torchrun, else auto."""
-    if os.environ.get("LAYERTAP_DEVICE"):
-        return os.environ["LAYERTAP_DEVICE"]
-    import torch
-
-    if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
-    return "auto"
-
-
-def shard_dir(out: str | os.PathLike[str], index: int, count: int) -> Path:
-    return Path(out) / SHARDS / f"{index:05d}-of-{count:05d}"
-
-
-def _layertap_command() -> list[str]:
-    return [sys.executable, "-m", "layertap"]
-
+from layertap.shards.launch import layertap_command
 
 #: extract options whose value is always a path, and those whose value is a path when it exists
 _PATH_OPTIONS = ("--images", "--in_path", "-i", "--out", "--out_path", "-o")
@@ -125,6 +56,10 @@ def absolute_paths(extract_args: list[str], base: str | os.PathLike[str] | None 
 
     Returns:
         The same arguments, paths absolute (``--opt=value`` forms included).
+
+    Example:
+        >>> absolute_paths(["--images", "imgs", "--layers", "fc"], base="/proj")
+        ['--images', '/proj/imgs', '--layers', 'fc']
     """
     root = Path(base or os.getcwd())
     out: list[str] = []
@@ -165,6 +100,31 @@ def write_slurm_scripts(
     (``--dependency=afterok``). Edit the scripts freely; each task resumes if resubmitted.
     Relative paths in ``extract_args`` are made absolute now (:func:`absolute_paths`), and the jobs
     run in the current directory (``--chdir``), because Slurm starts them where ``submit.sh`` is.
+
+    Args:
+        extract_args: ``layertap extract`` arguments (``--out`` among them).
+        out: the run the shards merge into.
+        shards: array tasks (one shard each).
+        script_dir: where the scripts go (default ``out/slurm``; logs in its ``logs/``).
+        cpus_per_task: ``--cpus-per-task`` of each extraction task.
+        mem: ``--mem`` of each job.
+        time: ``--time`` of each job.
+        partition: ``--partition``, if any.
+        account: ``--account``, if any.
+        gpus_per_task: GPUs per extraction task (``--gres=gpu:N``; 0: none).
+        setup: a shell line run first in every job (e.g. ``module load cuda``).
+        job_name: prefix of the job names.
+
+    Returns:
+        ``{"extract.sbatch": path, "merge.sbatch": path, "submit.sh": path}``.
+
+    Raises:
+        LayertapError: ``shards`` < 1.
+
+    Example:
+        >>> paths = write_slurm_scripts(["--model", "resnet18", "--images", "imgs", "--out", "acts"], "acts", 8)  # doctest: +SKIP
+        >>> paths["submit.sh"]  # doctest: +SKIP
+        PosixPath('acts/slurm/submit.sh')
     """
     if shards < 1:
         raise LayertapError("--shards must be at least 1")
@@ -172,7 +132,7 @@ def write_slurm_scripts(
     dest = Path(script_dir) if script_dir else Path(out) / "slurm"
     (dest / "logs").mkdir(parents=True, exist_ok=True)
     dest = dest.resolve()
-    exe = " ".join(shlex.quote(c) for c in _layertap_command())
+    exe = " ".join(shlex.quote(c) for c in layertap_command())
     common = [f"#SBATCH --time={time}", f"#SBATCH --mem={mem}", f"#SBATCH --chdir={os.getcwd()}"]
     if partition:
         common.append(f"#SBATCH --partition={partition}")
@@ -220,25 +180,3 @@ def write_slurm_scripts(
         path.chmod(0o755)
         paths[name] = path
     return paths
-
-
-def launch(extract_args: list[str], devices: list[str], out: str | os.PathLike[str]) -> int:
-    """One extraction process per device on this machine, each a shard; merge when all succeed.
-
-    Returns the exit code: 0 when every shard succeeded and the merge is done.
-    """
-    from layertap.store.run import merge_shards
-
-    n = len(devices)
-    procs = []
-    for i, dev in enumerate(devices):
-        env = {**os.environ, "LAYERTAP_SHARD": f"{i}/{n}", "LAYERTAP_DEVICE": dev}
-        procs.append(subprocess.Popen([*_layertap_command(), "extract", *extract_args, "--no-merge", "-q"], env=env))
-    codes = [p.wait() for p in procs]
-    failed = [f"{i} ({devices[i]}): exit {c}" for i, c in enumerate(codes) if c != 0]
-    if failed:
-        raise LayertapError(
-            f"shard(s) failed: {'; '.join(failed)}; run the same launch again to resume them", exit_code=1
-        )
-    merge_shards(out)
-    return 0
