@@ -414,7 +414,7 @@ def test_select_layers_uses_the_extraction_glob_dialect(run: lt.Run) -> None:
     assert an.select_layers(run, "classifier.*") == ["classifier.4"]
     assert an.select_layers(run, "**") == LAYERS
     assert an.select_layers(run, ["classifier.**", "f*.?"]) == ["classifier.4", "features.2"]
-    with pytest.raises(LayertapError, match="has no layer"):
+    with pytest.raises(LayertapError, match=r"has no layer.*'\*\*' crosses dots"):
         an.select_layers(run, "*")  # no stored layer name is a single component
     with pytest.raises(LayertapError, match="has no layer"):
         an.select_layers(run, "c*4")

@@ -247,6 +247,56 @@ def test_resume_with_the_engine_is_byte_identical_and_another_backend_is_refused
         assert resumed[layer][:].tobytes() == whole[layer][:].tobytes()
 
 
+def test_cache_key_covers_every_tensor_and_setting_the_graph_computes_with() -> None:
+    """A stale export must never be reused: non-persistent buffers (left out of state_dict), tensors fx keeps as
+    plain attributes, and layer settings that are not weights all change the key."""
+
+    class Shift(nn.Module):
+        def __init__(self, offset: float) -> None:
+            super().__init__()
+            self.register_buffer("offset", torch.full((3,), offset), persistent=False)
+            self.scale = torch.ones(3)  # a plain tensor attribute: fx turns it into a constant of the graph
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x + self.offset) * self.scale
+
+    def key(module: nn.Module) -> str:
+        return engines.cache_key(torch.fx.symbolic_trace(module), (3,))
+
+    base = Shift(0.0)
+    assert key(base) == key(Shift(0.0))
+    assert key(base) != key(Shift(1.0))  # only the non-persistent buffer differs
+    other = Shift(0.0)
+    other.scale = torch.full((3,), 2.0)
+    assert key(base) != key(other)  # only the plain tensor attribute differs
+    assert key(nn.LayerNorm(3, eps=1e-5)) != key(nn.LayerNorm(3, eps=1e-6))  # a setting, same weights
+
+
+def test_auto_continues_with_the_backend_a_run_was_started_with(
+    image_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started with torch (as every run written before backends existed) is continued with torch when
+    "auto" would now pick an engine, and a run started with an engine keeps it when "auto" would pick torch:
+    re-running the same command is "nothing to do" / a resume, never "holds a different run"."""
+    model = _tv("resnet18")
+    kw: dict[str, Any] = {"workers": 0, "batch_size": 2, "chunk_rows": 2}
+    torch_run = lt.extract(model, image_dir, ["avgpool"], tmp_path / "t", backend="torch", **kw)
+    assert "backend" not in torch_run.manifest.spec  # the spec of a run from before backends existed
+    monkeypatch.setattr(engines, "AUTO_MIN_IMAGES", 1)  # "auto" now picks an engine for this job
+    assert resolve_backend("auto", "cpu", len(torch_run.images)) in ENGINES
+    exports: list[int] = []
+    real_export = engines.export_onnx
+    monkeypatch.setattr(engines, "export_onnx", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    again = lt.extract(model, image_dir, ["avgpool"], tmp_path / "t", **kw)
+    assert again.manifest.backend["name"] == "torch" and not exports
+    assert again["avgpool"][:].tobytes() == torch_run["avgpool"][:].tobytes()
+    monkeypatch.setattr(engines, "AUTO_MIN_IMAGES", 10**9)  # "auto" now picks torch
+    engine_run = lt.extract(model, image_dir, ["avgpool"], tmp_path / "e", backend=ENGINES[0], **kw)
+    again = lt.extract(model, image_dir, ["avgpool"], tmp_path / "e", **kw)
+    assert again.manifest.backend["name"] == ENGINES[0]
+    assert again["avgpool"][:].tobytes() == engine_run["avgpool"][:].tobytes()
+
+
 def test_auto_picks_an_engine_only_for_large_cpu_jobs_and_explicit_engines_are_checked() -> None:
     assert resolve_backend("auto", "cpu", AUTO_MIN_IMAGES - 1) == "torch"  # a small job: the export would not pay
     assert resolve_backend("auto", "cpu", AUTO_MIN_IMAGES) in ENGINES

@@ -55,7 +55,7 @@ def _thumbnail(path: Path, size: int = 96) -> str | None:
 
 
 def _figure_uri(draw: Any) -> str:
-    """Run ``draw(path)`` (a layertap.plots function writing a PNG) and return the PNG as a data URI."""
+    """Run ``draw(path)`` (a layertap.analysis.plots function writing a PNG) and return the PNG as a data URI."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fig.png"
         draw(path)

@@ -59,7 +59,9 @@ def select_layers(run: Run, layers: Sequence[str] | str | None) -> list[str]:
     for name in layers:
         hits = [name] if name in run else match_names(name, run.layers)
         if not hits:
-            raise LayertapError(f"run {run.path} has no layer '{name}'{close_matches(name, run.layers)}")
+            # the one glob dialect: say so where the old analysis dialect (* across dots) would have matched
+            hint = " ('*' stays within one dotted part of a name; '**' crosses dots)" if "*" in name else ""
+            raise LayertapError(f"run {run.path} has no layer '{name}'{close_matches(name, run.layers)}{hint}")
         chosen += [h for h in hits if h not in chosen]
     return chosen
 

@@ -1,6 +1,6 @@
 """One entry point for every kind of stimulus: image folders/lists, videos, stimulus arrays.
 
-:func:`open_stimuli` looks at the path and returns the matching :class:`~layertap.data.ImageSet`:
+:func:`open_stimuli` looks at the path and returns the matching :class:`~layertap.data.images.ImageSet`:
 an image folder or list (:meth:`ImageSet.from_path`), a video / folder of videos / .txt list of
 videos (:class:`~layertap.data.video.VideoSet`), or an .npy / HDF5 array (:class:`~layertap.data.arrays.ArraySet`).
 """

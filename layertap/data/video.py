@@ -1,6 +1,6 @@
 """Movies as stimuli: frames of a video for image models, clips of frames for video models.
 
-A :class:`VideoSet` is an :class:`~layertap.data.ImageSet` whose rows are frames (image models)
+A :class:`VideoSet` is an :class:`~layertap.data.images.ImageSet` whose rows are frames (image models)
 or clips of ``clip_len`` frames (video models) of one or more videos. Every frame is found by its
 *presentation timestamp*: the videos are demuxed once (packets only, nothing decoded) to list
 each frame's timestamp, so sampling at ``fps=F`` or at given times is exact for variable frame
@@ -521,7 +521,7 @@ class VideoSet(ImageSet):
         **_: Any,
     ) -> Iterator[Batch]:
         """Batches of rows ``start:``, decoded in worker processes one batch per call (see
-        :func:`~layertap.data.iter_batches`: batch k always holds the same rows)."""
+        :func:`~layertap.data.images.iter_batches`: batch k always holds the same rows)."""
         return _batch_loader(_DecodedVideo(self, transform), len(self), batch_size, start, workers, pin_memory)
 
 

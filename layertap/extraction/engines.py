@@ -39,7 +39,6 @@ from torch import nn
 
 from layertap.errors import LayertapError, MissingDependencyError, option_name, option_spelling
 from layertap.extraction.layers import output_tensor, unwrap_output
-from layertap.models.weights import module_fingerprint
 
 log = logging.getLogger("layertap")
 
@@ -213,12 +212,40 @@ def cache_key(graph: nn.Module, input_shape: Sequence[int]) -> str:
     """
     parts = {
         "code": graph.code,  # a GraphModule's Python code, or HookedForward's description
-        "weights": module_fingerprint(graph),
+        "module": repr(graph),  # the layers' settings (eps, strides, ...) a hooked forward's code does not show
+        "config": _config_json(graph),
+        "weights": _state_fingerprint(graph),
         "input": [int(s) for s in input_shape],
         "opset": OPSET,
         "versions": {d: _version(d) for d in ("torch", *_EXPORT_DISTS)},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _state_fingerprint(graph: nn.Module) -> str:
+    """sha256 over every tensor the graph computes with: parameters, all buffers (non-persistent ones too, which
+    ``state_dict`` leaves out) and the tensor constants torch.fx keeps as plain attributes."""
+    tensors: dict[str, torch.Tensor] = dict(graph.named_parameters(remove_duplicate=False))
+    tensors.update(graph.named_buffers(remove_duplicate=False))
+    for prefix, mod in graph.named_modules(remove_duplicate=False):
+        for attr, value in vars(mod).items():
+            if isinstance(value, torch.Tensor):
+                tensors.setdefault(f"{prefix}.{attr}" if prefix else attr, value)
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{t.numel()};".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _config_json(graph: nn.Module) -> str | None:
+    """A wrapped model's own configuration (e.g. a transformers ``config``), which its forward reads at run time."""
+    for mod in graph.modules():
+        config = getattr(mod, "config", None)
+        if config is not None and hasattr(config, "to_json_string"):
+            return str(config.to_json_string())
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -229,15 +256,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it; done once, at import, not while other threads create files
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` then rename onto ``path``: readers see the old file or the whole new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users of a shared cache
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from other users of a shared cache
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,6 +1,6 @@
 """Axis layout of each tapped layer's output: channels-first or channels-last.
 
-Spatial and time reducers (:mod:`layertap.reducers`) pool the spatial axes of a conv map, so
+Spatial and time reducers (:mod:`layertap.extraction.reducers`) pool the spatial axes of a conv map, so
 they must know where the channels are. Most models give channels-first maps, (B, C, H, W) or
 (B, C, T, H, W), but some give channels-last ones: torchvision ``swin_*``/``swin_v2_*``
 ``features.*`` (B, H, W, C), torchvision ``swin3d_*`` (B, T, H, W, C), timm models whose
@@ -229,7 +229,7 @@ def layer_layouts(root: nn.Module, modules: dict[str, nn.Module], layers: list[s
 
     Args:
         root: the model.
-        modules: tappable name -> module (see :func:`layertap.layers.tappable`).
+        modules: tappable name -> module (see :func:`layertap.extraction.layers.tappable`).
         layers: the tapped layer names (``MODULE:input`` taps the input of ``MODULE``).
 
     Returns:

@@ -45,7 +45,7 @@ from layertap.shards.merge import try_merge
 from layertap.shards.spec import resolve_shard, shard_device, shard_dir
 from layertap.store.blocks import STORAGE_DTYPES
 from layertap.store.files import ARRAYS, MANIFEST, PROGRESS, disk_error, write_text_atomic
-from layertap.store.manifest import ImagesSection, LayerInfo, Manifest, ShardInfo
+from layertap.store.manifest import ImagesSection, LayerInfo, Manifest, ShardInfo, read_manifest
 from layertap.store.run import Run
 from layertap.store.writer import RunWriter
 
@@ -401,6 +401,12 @@ def run_job(
     if part is not None and (str(config.device) == "auto" or os.environ.get("LAYERTAP_DEVICE")):
         # the launcher's device for this shard, or cuda:LOCAL_RANK under torchrun
         config = replace(config, device=shard_device())
+    if config.backend == "auto" and not config.overwrite:
+        # A re-run continues with the backend the run was started with (runs from before backends existed: torch),
+        # not with what "auto" would pick on this machine today: the stored numbers depend on it.
+        recorded = _recorded_backend(Path(out) if part is None else shard_dir(out, *part))
+        if recorded is not None:
+            config = replace(config, backend=recorded)
     job = prepare(model, images, layers, config)
     job = replace(job, model=identify_model(job.model))
     options = _options(job)
@@ -438,6 +444,17 @@ def run_job(
             log.info("all %d shards complete: merged %d images into %s", count, len(merged.images), merged.path)
             return merged
     return run
+
+
+def _recorded_backend(run_dir: Path) -> str | None:
+    """The backend of the run already in ``run_dir`` (None: no readable run there; the usual checks handle it)."""
+    if not (run_dir / MANIFEST).is_file():
+        return None
+    try:
+        spec = read_manifest(run_dir).spec
+    except LayertapError:
+        return None
+    return str(spec.get("backend", "torch")) if spec else None
 
 
 def _options(job: Job) -> dict[str, Any]:

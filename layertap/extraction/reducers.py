@@ -7,7 +7,7 @@ manifest entry records the reducer that was actually applied.
 
 Spatial and time reducers need to know where the channels are: channels-last maps (torchvision
 Swin ``features.*`` (B, H, W, C), Swin3D (B, T, H, W, C), timm models with ``output_fmt="NHWC"``)
-are recognised from the modules (see :mod:`layertap.layouts`) and pooled over their H, W (T)
+are recognised from the modules (see :mod:`layertap.extraction.layouts`) and pooled over their H, W (T)
 axes; the results below are always channels-first. The manifest records the ``layout`` of each
 pooled layer (and of any stored channels-last one). A layer whose layout cannot be told (e.g. the
 inside of timm's ConvNeXt MLP) is refused with a spatial reducer; store it with ``none``.
