@@ -192,6 +192,8 @@ def test_cache_skips_the_second_export_rebuilds_a_corrupt_entry_and_runs_any_bat
     assert rel_error(second(x)[0], ref) <= REL and len(calls) == 1
     files = sorted(tmp_path.glob("*.onnx"))
     assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+    # the checksummed .onnx and its sidecar are all an engine reads: no unchecked compiled blobs beside them
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted([files[0].name, files[0].stem + ".json"])
     files[0].write_bytes(files[0].read_bytes()[: files[0].stat().st_size // 2])  # a truncated entry
     third = EngineGraph(ENGINES[0], graph, tmp_path)
     assert rel_error(third(x)[0], ref) <= REL and len(calls) == 2  # rebuilt, not used

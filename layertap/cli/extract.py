@@ -241,7 +241,7 @@ def add_extract(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=["auto", "torch", "onnxruntime", "openvino"],
         default="auto",
         help="what runs the float32 forward: torch, or an exact CPU engine (ONNX Runtime, OpenVINO; "
-        "pip install 'layertap[cpu]'; about 1.3-2x faster, equal to torch to float32 rounding, the export cached "
+        "pip install 'layertap[cpu]'; faster on most CPUs (numbers: README), equal to torch to float32 rounding, the export cached "
         "on disk). auto (default): an installed engine on a CPU for jobs of 256 images or more, else torch",
     )
     add_quiet(o)

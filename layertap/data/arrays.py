@@ -16,7 +16,7 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,7 @@ import torch
 from PIL import Image
 
 from layertap._optional import require
-from layertap.data.images import Batch, ImageSet, to_rgb
-from layertap.data.video import _batch_loader
+from layertap.data.images import ImageSet, to_rgb
 from layertap.errors import LayertapError
 
 H5_EXTENSIONS = (".h5", ".hdf5", ".hdf")
@@ -229,18 +228,9 @@ class ArraySet(ImageSet):
             out["id"] = self.ids[i]
         return out
 
-    def iter_batches(
-        self,
-        transform: Callable[[Any], torch.Tensor],
-        batch_size: int,
-        *,
-        start: int = 0,
-        workers: int | None = None,
-        pin_memory: bool = False,
-        **_: Any,
-    ) -> Iterator[Batch]:
-        """Batches of rows ``start:``; each batch's array rows are read in one slice in a worker."""
-        return _batch_loader(_ArrayRows(self, transform), len(self), batch_size, start, workers, pin_memory)
+    def row_batches(self, transform: Callable[[Any], torch.Tensor]) -> torch.utils.data.Dataset:
+        """Per batch of rows, the array rows read in one slice (in a worker)."""
+        return _ArrayRows(self, transform)
 
 
 def array_to_image(a: np.ndarray) -> Any:

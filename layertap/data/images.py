@@ -206,6 +206,53 @@ class ImageSet:
         h = hashlib.sha256(json.dumps([self.paths, self.targets]).encode())
         return h.hexdigest()[:16]
 
+    def row_batches(self, transform: Callable[[Any], torch.Tensor]) -> torch.utils.data.Dataset | None:
+        """For sets that decode their own rows (videos, arrays): a dataset whose item is a whole batch of
+        row indices, decoded in one pass. None (here): each of ``paths`` is decoded on its own."""
+        return None
+
+    def iter_batches(
+        self,
+        transform: Callable[[Any], torch.Tensor],
+        batch_size: int,
+        *,
+        start: int = 0,
+        workers: int | None = None,
+        pin_memory: bool = False,
+        exif_transpose: bool = True,
+        draft: int | None = None,
+    ) -> Iterator[Batch]:
+        """The set's batches from row ``start`` on, decoded in ``workers`` processes, in order.
+
+        Args:
+            transform: one RGB image -> input tensor.
+            batch_size: rows per batch; batch k always holds the same rows (resumes see the same batches).
+            start: the first row (a batch boundary when resuming).
+            workers: decode processes (None: :func:`default_workers`; 0: in this process).
+            pin_memory: pin the batches for faster copies to a GPU.
+            exif_transpose, draft: for image files, see :func:`iter_batches` (sets that decode their own
+                rows ignore them).
+
+        Returns:
+            An iterator of :class:`Batch` objects.
+
+        Example:
+            >>> batches = ImageSet(paths=["/img/a.jpg"]).iter_batches(model.transform, 64)  # doctest: +SKIP
+        """
+        rows = self.row_batches(transform)
+        if rows is not None:
+            return _row_loader(rows, len(self), batch_size, start, workers, pin_memory)
+        return iter_batches(
+            self.paths,
+            transform,
+            batch_size,
+            start=start,
+            workers=workers,
+            pin_memory=pin_memory,
+            exif_transpose=exif_transpose,
+            draft=draft,
+        )
+
 
 def _read_utf8(path: Path) -> str:
     """A list file's text (UTF-8, a byte-order mark allowed), or a one-line error saying how to fix it."""
@@ -524,3 +571,21 @@ def iter_batches(
     finally:
         gc.unfreeze()
     yield from batches
+
+
+def _row_loader(
+    dataset: torch.utils.data.Dataset, n: int, batch_size: int, start: int, workers: int | None, pin_memory: bool
+) -> Iterator[Batch]:
+    """A DataLoader handing ``dataset`` whole batches of row indices (one decoding pass per batch)."""
+    batches = [list(range(lo, min(lo + batch_size, n))) for lo in range(start, n, batch_size)]
+    nw = min(default_workers() if workers is None else workers, len(batches))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=batches,
+        num_workers=nw,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if nw > 0 else None,
+    )
+    yield from loader

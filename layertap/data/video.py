@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 
 from layertap._optional import require
-from layertap.data.images import Batch, ImageSet, _collate, default_workers
+from layertap.data.images import ImageSet
 from layertap.errors import LayertapError
 
 log = logging.getLogger("layertap")
@@ -510,19 +510,10 @@ class VideoSet(ImageSet):
             out["end"] = float(times[last + 1] if last + 1 < info.n_frames else info.end)
         return out
 
-    def iter_batches(
-        self,
-        transform: Callable[[Any], torch.Tensor],
-        batch_size: int,
-        *,
-        start: int = 0,
-        workers: int | None = None,
-        pin_memory: bool = False,
-        **_: Any,
-    ) -> Iterator[Batch]:
-        """Batches of rows ``start:``, decoded in worker processes one batch per call (see
-        :func:`~layertap.data.images.iter_batches`: batch k always holds the same rows)."""
-        return _batch_loader(_DecodedVideo(self, transform), len(self), batch_size, start, workers, pin_memory)
+    def row_batches(self, transform: Callable[[Any], torch.Tensor]) -> torch.utils.data.Dataset:
+        """Per batch of rows, per video, the needed frames decoded in one forward pass (see
+        :meth:`ImageSet.iter_batches`: batch k always holds the same rows)."""
+        return _DecodedVideo(self, transform)
 
 
 def _frames_from(
@@ -563,24 +554,6 @@ def decoder_description() -> str:
         return f"PyAV {av.__version__} (libavcodec {ver}), frames converted to rgb24 by FFmpeg's swscale"
     except ImportError:
         return "PyAV (not installed)"
-
-
-def _batch_loader(
-    dataset: torch.utils.data.Dataset, n: int, batch_size: int, start: int, workers: int | None, pin_memory: bool
-) -> Iterator[Batch]:
-    """A DataLoader handing the dataset whole batches of row indices (one decoding pass per batch)."""
-    batches = [list(range(lo, min(lo + batch_size, n))) for lo in range(start, n, batch_size)]
-    nw = default_workers() if workers is None else workers
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        sampler=batches,
-        num_workers=min(nw, len(batches)),
-        collate_fn=_collate,
-        pin_memory=pin_memory,
-        prefetch_factor=2 if min(nw, len(batches)) > 0 else None,
-    )
-    yield from loader
 
 
 @dataclass

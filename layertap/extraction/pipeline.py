@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from layertap.data.images import ALPHA_BACKGROUND, ImageSet, draft_size, iter_batches
+from layertap.data.images import ALPHA_BACKGROUND, ImageSet, draft_size
 from layertap.data.stimuli import open_stimuli
 from layertap.devices import resolve_device
 from layertap.errors import LayertapError, LayertapFailure, option_spelling
@@ -335,8 +335,8 @@ def extract(
         autocast: ``"float16"`` or ``"bfloat16"`` (opt-in, recorded) computes under
             ``torch.autocast``: for GPUs; it changes the numbers (~1e-2 relative).
         backend: what runs the float32 forward on the CPU: ``"torch"``, or an exact inference
-            engine, ``"onnxruntime"`` or ``"openvino"`` (``pip install 'layertap[cpu]'``; about 2x
-            faster, equal to torch to float32 rounding; the export is cached on disk, see
+            engine, ``"onnxruntime"`` or ``"openvino"`` (``pip install 'layertap[cpu]'``; faster
+            where the engine's kernels beat torch's, see the README's speed section; equal to torch to float32 rounding; the export is cached on disk, see
             :mod:`layertap.extraction.engines`). ``"auto"`` (default) takes an installed engine on
             a CPU for jobs of 256 images or more, torch otherwise and always on CUDA/MPS. Part of
             the job: a resume with another backend is refused. What an engine cannot export or
@@ -895,17 +895,12 @@ def _layer_info(tap: Extractor, feats: dict[str, torch.Tensor]) -> dict[str, Lay
 def _batches(job: Job, first: int) -> Any:
     """The job's batches from image ``first`` on (videos and arrays decode their own rows)."""
     c, imageset, transform = job.config, job.imageset, job.tap.model.transform
-    pin = job.device.type == "cuda"
-    own_batches = getattr(imageset, "iter_batches", None)
-    if own_batches is not None:
-        return own_batches(transform, c.batch_size, start=first, workers=c.workers, pin_memory=pin)
-    return iter_batches(
-        imageset.paths,
+    return imageset.iter_batches(
         transform,
         c.batch_size,
         start=first,
         workers=c.workers,
-        pin_memory=pin,
+        pin_memory=job.device.type == "cuda",
         exif_transpose=c.exif_transpose,
         draft=job.draft,
     )

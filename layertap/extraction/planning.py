@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from layertap._optional import require
-from layertap.data.images import default_workers, iter_batches
+from layertap.data.images import default_workers
 from layertap.errors import StorageError
 from layertap.extraction.pipeline import ExtractConfig, prepare
 from layertap.extraction.tap import Extractor
@@ -252,12 +252,12 @@ def plan(
     k = min(probe, batch_size, n)
     seconds = None
     if k > 0:
-        own = getattr(imageset, "iter_batches", None)
         t0 = time.perf_counter()
-        if own is not None:
-            batch = next(iter(own(loaded.transform, k, start=0, workers=0)))
-        else:
-            batch = next(iter(iter_batches(imageset.paths[:k], loaded.transform, k, workers=0)))
+        # decoded as the run will (EXIF, --fast-decode), in this process: the first batch only
+        batches = imageset.iter_batches(
+            loaded.transform, k, workers=0, exif_transpose=config.exif_transpose, draft=job.draft
+        )
+        batch = next(iter(batches))
         decode = (time.perf_counter() - t0) / max(1, k)
         if batch.mixed_shapes or not batch.indices:
             x = torch.zeros((1, *loaded.input_size))
