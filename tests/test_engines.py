@@ -330,3 +330,24 @@ def test_shards_with_the_engine_merge_byte_identical_to_one_run(image_dir: Path,
     merged = lt.extract(model, image_dir, ["layer3"], tmp_path / "sharded", shard=(1, 2), **kw)
     assert merged.path == (tmp_path / "sharded") and merged.manifest["backend"]["name"] == ENGINES[0]
     assert merged["layer3"][:].tobytes() == whole["layer3"][:].tobytes()
+    assert "per_shard" not in merged.manifest.to_dict()  # both shards ran the same way
+
+
+def test_a_merged_run_records_a_fallback_in_any_shard(
+    image_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _tv("resnet18")
+    kw: dict[str, Any] = {"workers": 0, "batch_size": 2, "backend": ENGINES[0]}
+    whole = lt.extract(model, image_dir, ["layer3"], tmp_path / "whole", **kw)
+    lt.extract(model, image_dir, ["layer3"], tmp_path / "sharded", shard=(0, 2), **kw)
+
+    def cannot_run(*_a: Any, **_k: Any) -> None:  # e.g. the second shard's node lacks an instruction set
+        raise RuntimeError("the engine cannot run here")
+
+    monkeypatch.setattr(engines, "open_session", cannot_run)
+    merged = lt.extract(model, image_dir, ["layer3"], tmp_path / "sharded", shard=(1, 2), **kw)
+    backends = merged.manifest["per_shard"]["backend"]
+    assert [b["name"] for b in backends] == [ENGINES[0]] * 2
+    assert backends[0]["fallback"] is None and "the engine cannot run here" in backends[1]["fallback"]
+    assert set(merged.manifest["per_shard"]) == {"backend"}  # nothing else differed
+    assert rel_error(torch.from_numpy(merged["layer3"][:]), torch.from_numpy(whole["layer3"][:])) <= REL

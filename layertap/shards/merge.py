@@ -118,7 +118,7 @@ def merge_shards(out: str | os.PathLike[str], shards: list[str | os.PathLike[str
             return Run(out)
         # what the first shard records, less what is the shard's own (begin() sets spec and status)
         header = first.copy().updated(shard=None, layers={}, storage=None, images=None, finished=None)
-        writer.begin(header.updated(merged_from=[str(r.path) for r in ordered]))
+        writer.begin(header.updated(merged_from=[str(r.path) for r in ordered], per_shard=_differing(ordered)))
         n_total = sum(_images(r)["n_total"] for r in ordered)
         if not writer.has_layers:
             layers = {
@@ -159,6 +159,17 @@ def merge_shards(out: str | os.PathLike[str], shards: list[str | os.PathLike[str
             values=merge_values([r.manifest.values for r in ordered]),
         )
     return Run(out)
+
+
+#: what each shard records about how it ran (the job spec is the same for all: checked above)
+PER_SHARD = ("versions", "options", "decode", "compiled", "backend")
+
+
+def _differing(runs: list[Run]) -> dict[str, list[Any]] | None:
+    """Per field of :data:`PER_SHARD` on which the shards disagree, each shard's value (None: all agree)."""
+    values = {key: [getattr(r.manifest, key) for r in runs] for key in PER_SHARD}
+    out = {key: v for key, v in values.items() if any(x != v[0] for x in v[1:])}
+    return out or None
 
 
 def try_merge(out: str | os.PathLike[str]) -> Run | None:

@@ -105,6 +105,9 @@ class Manifest:
         backend: the inference engine that ran the model (a record of its own).
         shard: for a shard run, which slice it holds (:class:`ShardInfo`).
         merged_from: for a merged run, the shard runs it was merged from.
+        per_shard: for a merged run whose shards ran differently (other library versions, an engine that
+            fell back to torch in one shard, ...): per such field, every shard's value, in shard order
+            (the top-level field is the first shard's).
         postprocessing: for a postprocessed run, each postprocessing step (source, steps, layers).
         postprocessing_unfinished: the source run, while a postprocess output is being written.
         extra: any other top-level key, kept verbatim.
@@ -129,6 +132,7 @@ class Manifest:
     decode: dict[str, Any] | None = None
     shard: ShardInfo | None = None
     merged_from: list[str] | None = None
+    per_shard: dict[str, list[Any]] | None = None
     images: ImagesSection | None = None
     spec: dict[str, Any] = field(default_factory=dict)
     status: str = "running"
