@@ -196,3 +196,15 @@ def test_every_extract_option_reaches_the_library() -> None:
     assert not missing, f"extract options that reach no library keyword: {missing}"
     parsed = parser.parse_args(["--model", "m", "--layers", "l", "-i", "x", "-o", "y", "--no-fold-bn", "--no-merge"])
     assert parsed.fold_bn is False and parsed.merge is False and parsed.exif_transpose is True
+
+
+def test_slurm_rewrites_every_spelling_of_the_extract_options_that_take_files() -> None:
+    # the Slurm writer lives below the CLI and keeps its own list of extract's spellings: they must agree
+    from layertap.shards import slurm
+
+    extract = dict(_leaves(cli.build_parser()))["layertap extract"]
+    listed = {*slurm._PATH_OPTIONS, *slurm._MAYBE_PATH_OPTIONS, *slurm._MODEL_OPTIONS}
+    for dest in ("images", "out", "weights", "model_path", "model", "option", "times", "ids"):
+        spellings = {s for a in extract._actions if a.dest == dest for s in a.option_strings}
+        assert spellings and spellings <= listed, (dest, spellings - listed)
+

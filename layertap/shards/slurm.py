@@ -16,7 +16,7 @@ from layertap.shards.launch import layertap_command
 
 #: extract options whose value is always a path, and those whose value is a path when it exists
 _PATH_OPTIONS = ("--images", "--in_path", "-i", "--out", "--out_path", "-o")
-_MAYBE_PATH_OPTIONS = ("--weights", "--model_path", "--model-path", "--option")
+_MAYBE_PATH_OPTIONS = ("--weights", "--model_path", "--model-path", "--option", "--times", "--ids")
 _MODEL_OPTIONS = ("--model", "--model_name", "-m")
 _CUSTOM_MODEL = re.compile(r"^(?P<prefix>(custom:)?)(?P<file>.+\.py):(?P<factory>[A-Za-z_]\w*)$")
 
@@ -48,7 +48,7 @@ def _absolute(value: str, option: str, base: Path) -> str:
 def absolute_paths(extract_args: list[str], base: str | os.PathLike[str] | None = None) -> list[str]:
     """``layertap extract`` arguments with every relative path made absolute (against ``base``, default
     the current directory): --images, --out, --weights/--model_path FILE, --model file.py:factory or
-    hf:DIR, and --option values that name existing files. Batch jobs start in another directory.
+    hf:DIR, and --option, --times and --ids values that name existing files. Batch jobs start in another directory.
 
     Args:
         extract_args: the arguments, as given after ``layertap slurm ... --``.
