@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from layertap.errors import LayertapError
+from layertap.errors import LayertapError, option_spelling
 
 
 def mps_available() -> bool:
@@ -42,9 +42,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError, ValueError):
         raise LayertapError(f"unknown device '{device}'; use cpu, cuda, cuda:N, mps or auto") from None
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise LayertapError(f"--device {device}: layertap runs on cpu, cuda, cuda:N or mps (or auto)")
+        raise LayertapError(f"{option_spelling('device', device)}: layertap runs on cpu, cuda, cuda:N or mps (or auto)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LayertapError("--device cuda asked for, but no CUDA GPU is available; use --device cpu or auto")
+        raise LayertapError(f"{option_spelling('device', 'cuda')} asked for, but no CUDA GPU is available; use {option_spelling('device', 'cpu')} or auto")
     if dev.type == "mps" and not mps_available():
-        raise LayertapError("--device mps asked for, but MPS is not available; use --device cpu or auto")
+        raise LayertapError(f"{option_spelling('device', 'mps')} asked for, but MPS is not available; use {option_spelling('device', 'cpu')} or auto")
     return dev

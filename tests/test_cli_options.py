@@ -208,3 +208,28 @@ def test_slurm_rewrites_every_spelling_of_the_extract_options_that_take_files() 
         spellings = {s for a in extract._actions if a.dest == dest for s in a.option_strings}
         assert spellings and spellings <= listed, (dest, spellings - listed)
 
+
+def test_library_errors_name_options_as_python_callers_spell_them(tmp_path: Path) -> None:
+    # the same checks answer a Python caller with keywords and the layertap command with flags
+    from layertap.devices import mps_available, resolve_device
+    from layertap.extraction.pipeline import ExtractConfig
+    from layertap.shards.spec import parse_shard
+
+    checks = [
+        (lambda: ExtractConfig(workers=-1), "workers must be 0", "--workers must be 0"),
+        (lambda: ExtractConfig(chunk_rows=0), "chunk_rows must be at least 1", "--chunk-rows must be at least 1"),
+        (lambda: parse_shard("3"), "shard must look like i/n", "--shard must look like i/n"),
+        (lambda: resolve_device("cuda:0" if mps_available() else "mps"), "device=", "--device "),
+    ]
+    for call, python, flag in checks:
+        with pytest.raises(LayertapError) as err:
+            call()
+        assert str(err.value).startswith(python) or python in str(err.value), err.value
+        assert "--" not in str(err.value), err.value
+        try:
+            set_cli_spelling(True)
+            with pytest.raises(LayertapError, match=flag):
+                call()
+        finally:
+            set_cli_spelling(False)
+

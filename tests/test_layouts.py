@@ -93,7 +93,7 @@ def test_permute_module_and_undecidable_layout() -> None:
     ref = _hooked(net, "2", x)  # (B, H, W, C) = (2, 8, 10, 8): H and C both 8
     torch.testing.assert_close(_reduced(net, ["2"], "avg", x)["2"], ref.mean(dim=(1, 2)))
     torch.testing.assert_close(_reduced(net, ["4"], "avg", x)["4"], _hooked(net, "4", x).mean(dim=(2, 3)))
-    with pytest.raises(LayertapError, match=r"channels-last.*--reduce 3=none"):
+    with pytest.raises(LayertapError, match=r"channels-last.*reduce=\{'3': 'none'\}"):
         _reduced(net, ["3"], "avg", x)
     assert _reduced(net, ["3"], "none", x)["3"].shape == (2, 8, 10, 8)  # unreduced: stored as it is
 

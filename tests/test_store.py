@@ -107,7 +107,7 @@ def test_corrupt_images_are_skipped_and_recorded(image_dir: Path, tmp_path: Path
     clean = lt.extract(model, good_only, ["classifier.1"], tmp_path / "c", workers=0, batch_size=2)
     assert clean.images == run.images
     np.testing.assert_allclose(clean["classifier.1"][:], run["classifier.1"][:], rtol=1e-4, atol=1e-4)
-    with pytest.raises(lt.LayertapError, match="cannot decode .*a_empty.jpg.*--on-error skip"):
+    with pytest.raises(lt.LayertapError, match="cannot decode .*a_empty.jpg.*on_error='skip'"):
         lt.extract(model, bad, ["classifier.1"], tmp_path / "f", workers=0, on_error="fail")
 
 
@@ -118,7 +118,7 @@ def test_finished_run_is_not_overwritten(image_dir: Path, tmp_path: Path) -> Non
     stamp = (out / "manifest.json").stat().st_mtime_ns
     again = lt.extract(model, image_dir, ["classifier.4"], out, workers=0)  # same job: nothing to do
     assert again.complete and (out / "manifest.json").stat().st_mtime_ns == stamp
-    with pytest.raises(lt.LayertapError, match=r"holds a different run \(differs in: layers\).*--overwrite"):
+    with pytest.raises(lt.LayertapError, match=r"holds a different run \(differs in: layers\).*overwrite=True"):
         lt.extract(model, image_dir, ["classifier.5"], out, workers=0)
     redone = lt.extract(model, image_dir, ["classifier.5"], out, workers=0, overwrite=True)
     assert redone.layers == ["classifier.5"] and not (out / "arrays" / "classifier.4").exists()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from layertap.errors import LayertapError
+from layertap.errors import LayertapError, option_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 THINGS_TSV = "things_concepts.tsv"
@@ -80,7 +80,7 @@ class ImageSet:
             raise LayertapError(f"image path not found: {p}")
         if p.is_file():
             if things:
-                raise LayertapError("--things needs an image folder (images/<concept>/<image>.jpg), not a file list")
+                raise LayertapError(f"{option_name('things')} needs an image folder (images/<concept>/<image>.jpg), not a file list")
             return cls.from_file_list(p)
         return cls.from_folder(p, things=things)
 
@@ -117,7 +117,7 @@ class ImageSet:
             )
         if things:
             raise LayertapError(
-                f"--things expects images/<concept>/<image>.jpg, but {root} has images at its top level"
+                f"{option_name('things')} expects images/<concept>/<image>.jpg, but {root} has images at its top level"
             )
         return cls(paths=paths, root=str(root))
 
@@ -173,7 +173,7 @@ class ImageSet:
     def subset(self: _Set, fraction: float, seed: int = 0) -> _Set:
         """A reproducible random ``fraction`` of the images, kept in the set's order."""
         if not 0 < fraction <= 1:
-            raise LayertapError(f"--fraction must be in (0, 1], got {fraction}")
+            raise LayertapError(f"{option_name('fraction')} must be in (0, 1], got {fraction}")
         if fraction == 1:
             return self
         n = max(1, round(len(self) * fraction))
@@ -266,7 +266,7 @@ def _read_utf8(path: Path) -> str:
         line = data[: err.start].count(b"\n") + 1
         raise LayertapError(
             f"the image list {path} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
-            "save it as UTF-8, or point --images at the image folder instead"
+            f"save it as UTF-8, or point {option_name('images')} at the image folder instead"
         ) from None
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from layertap.data.arrays import ArraySet, split_array_path
 from layertap.data.images import IMAGE_EXTENSIONS, ImageSet
 from layertap.data.video import VIDEO_EXTENSIONS, VideoSet, is_video_path
-from layertap.errors import LayertapError
+from layertap.errors import LayertapError, option_name, option_spelling
 
 
 def is_video_model(model: Any) -> bool:
@@ -104,7 +104,7 @@ def open_stimuli(
             raise LayertapError("a video model needs videos (clips of frames), not an array of images")
         return ArraySet.from_path(images, ids=ids)
     if ids is not None:
-        raise LayertapError("--ids names the rows of a stimulus array (.npy / .h5); image lists carry their own paths")
+        raise LayertapError(f"{option_name('ids')} names the rows of a stimulus array (.npy / .h5); image lists carry their own paths")
     path = Path(images)
     if path.exists() and _is_video_input(path):
         video_model = is_video_model(model)
@@ -116,5 +116,5 @@ def open_stimuli(
     if given:
         raise LayertapError(f"{', '.join(given)} apply to videos; {images} holds no videos")
     if is_video_model(model):
-        raise LayertapError(f"{model.name} is a video model: give it videos (--images movie.mp4), not images")
+        raise LayertapError(f"{model.name} is a video model: give it videos ({option_spelling('images', 'movie.mp4')}), not images")
     return ImageSet.from_path(images, things=things)

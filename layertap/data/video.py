@@ -46,7 +46,7 @@ from PIL import Image
 
 from layertap._optional import require
 from layertap.data.images import ImageSet
-from layertap.errors import LayertapError
+from layertap.errors import LayertapError, option_name
 
 log = logging.getLogger("layertap")
 
@@ -386,16 +386,16 @@ class VideoSet(ImageSet):
             the VideoSet, rows in video order then time order (or the times table's order).
         """
         if fps is not None and every is not None:
-            raise LayertapError("give --fps or --every, not both")
+            raise LayertapError(f"give {option_name('fps')} or {option_name('every')}, not both")
         if fps is not None and not 0 < fps < float("inf"):
-            raise LayertapError(f"--fps must be a positive number of frames per second, got {fps}")
+            raise LayertapError(f"{option_name('fps')} must be a positive number of frames per second, got {fps}")
         if every is not None and every < 1:
-            raise LayertapError(f"--every must be at least 1, got {every}")
+            raise LayertapError(f"{option_name('every')} must be at least 1, got {every}")
         T = 1 if clip_len is None else clip_len
         if T < 1 or (clip_stride is not None and clip_stride < 1):
-            raise LayertapError("--clip-len and --clip-stride must be at least 1")
+            raise LayertapError(f"{option_name('clip_len')} and {option_name('clip_stride')} must be at least 1")
         if T > 1 and not clip_mode:
-            raise LayertapError("--clip-len needs a video model (e.g. r3d_18); image models take single frames")
+            raise LayertapError(f"{option_name('clip_len')} needs a video model (e.g. r3d_18); image models take single frames")
         stride = clip_stride or T
         paths, root = find_videos(path)
         infos: dict[str, VideoInfo] = {}

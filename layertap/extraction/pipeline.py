@@ -34,7 +34,7 @@ from torch import nn
 from layertap.data.images import ALPHA_BACKGROUND, ImageSet, draft_size
 from layertap.data.stimuli import open_stimuli
 from layertap.devices import resolve_device
-from layertap.errors import LayertapError, LayertapFailure, option_spelling
+from layertap.errors import LayertapError, LayertapFailure, option_name, option_spelling
 from layertap.extraction.aliases import used_aliases
 from layertap.extraction.engines import check_backend, describe_backend, resolve_backend
 from layertap.extraction.layers import resolve_layers
@@ -95,14 +95,14 @@ class ExtractConfig:
         if self.dtype not in STORAGE_DTYPES:
             raise LayertapError(f"unknown dtype '{self.dtype}'; choose one of {', '.join(STORAGE_DTYPES)}")
         if self.on_error not in ("skip", "fail"):
-            raise LayertapError(f"--on-error must be 'skip' or 'fail', not '{self.on_error}'")
+            raise LayertapError(f"{option_name('on_error')} must be 'skip' or 'fail', not '{self.on_error}'")
         if self.batch_size < 1:
-            raise LayertapError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise LayertapError(f"{option_name('batch_size')} must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
-            raise LayertapError(f"--workers must be 0 (decode in this process) or more, got {self.workers}")
+            raise LayertapError(f"{option_name('workers')} must be 0 (decode in this process) or more, got {self.workers}")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise LayertapError(
-                f"--chunk-rows must be at least 1, got {self.chunk_rows} (leave it out for ~16 MB chunks)"
+                f"{option_name('chunk_rows')} must be at least 1, got {self.chunk_rows} (leave it out for ~16 MB chunks)"
             )
         check_seed(self.seed)
         check_autocast(self.autocast)
@@ -743,7 +743,7 @@ def _check_shapes(feats: dict[str, torch.Tensor], layers: dict[str, LayerInfo]) 
             raise LayertapError(
                 f"layer '{key}' gave {'x'.join(map(str, got)) or 'a scalar'} per image in this batch but "
                 f"{'x'.join(map(str, want)) or 'a scalar'} before: its output shape changes between batches; tap a "
-                "layer with a fixed output shape (or pool it with --reduce avg)"
+                f"layer with a fixed output shape (or pool it with {option_spelling('reduce', 'avg')})"
             )
 
 
@@ -867,11 +867,12 @@ def warn_values(values: dict[str, Any], dtype: str) -> None:
         if n:
             log.warning(
                 "layer %s: %d values overflowed to inf in %s storage (%d images; finite in float32); "
-                "use --dtype float32 or bfloat16 to keep them",
+                "use %s or bfloat16 to keep them",
                 layer,
                 n,
                 dtype,
                 values["overflow_images"][layer],
+                option_spelling("dtype", "float32"),
             )
 
 
@@ -935,7 +936,7 @@ def _run_batches(
                     continue  # recorded by the interrupted attempt
                 path = imageset.paths[idx]
                 if c.on_error == "fail":
-                    raise LayertapError(f"cannot decode {path}: {reason} (use --on-error skip to skip such images)")
+                    raise LayertapError(f"cannot decode {path}: {reason} (use {option_spelling('on_error', 'skip')} to skip such images)")
                 log.warning("skipping %s: %s", path, reason)
                 writer.skip(idx, reason)
             if batch.indices:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from layertap.errors import LayertapError
+from layertap.errors import LayertapError, option_name
 from layertap.globs import glob_regex, is_pattern
 from layertap.process.projection import SparseRandomProjection
 
@@ -142,7 +142,7 @@ def parse_reduce_args(items: list[str] | None) -> str | dict[str, str] | None:
     out: dict[str, str] = {}
     for item in items:
         if "=" not in item:
-            raise LayertapError(f"--reduce '{item}': give LAYER=SPEC for each layer, or one SPEC for all layers")
+            raise LayertapError(f"{option_name('reduce')} '{item}': give LAYER=SPEC for each layer, or one SPEC for all layers")
         layer, spec = item.split("=", 1)
         out[layer] = spec
     return out

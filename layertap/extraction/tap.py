@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from layertap.errors import LayertapError
+from layertap.errors import LayertapError, option_name, option_spelling
 from layertap.extraction.aliases import INPUT, INPUT_SUFFIX
 from layertap.extraction.engines import (
     AUTO_MIN_IMAGES,
@@ -58,7 +58,7 @@ def check_autocast(autocast: str | None) -> None:
         LayertapError: naming the choices.
     """
     if autocast is not None and autocast not in AUTOCAST_DTYPES:
-        raise LayertapError(f"--autocast must be one of {', '.join(AUTOCAST_DTYPES)}, not '{autocast}'")
+        raise LayertapError(f"{option_name('autocast')} must be one of {', '.join(AUTOCAST_DTYPES)}, not '{autocast}'")
 
 
 def forward_mode(device_type: str, autocast: str | None) -> contextlib.ExitStack:
@@ -167,8 +167,8 @@ class LayerOutputs:
         layout = self.layouts[name]
         if layout == UNKNOWN:
             raise LayertapError(
-                f"--reduce {spec}: cannot tell whether layer {name}'s {tuple(t.shape)} output is channels-first or "
-                f"channels-last; store it unreduced (--reduce {name}=none) or tap the block that contains it"
+                f"{option_spelling('reduce', spec)}: cannot tell whether layer {name}'s {tuple(t.shape)} output is channels-first or "
+                f"channels-last; store it unreduced ({option_spelling('reduce', {name: 'none'})}) or tap the block that contains it"
             )
         return t.movedim(-1, 1) if layout == CHANNELS_LAST else t
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from layertap.errors import LayertapError, UnavailableError, option_spelling
+from layertap.errors import LayertapError, UnavailableError, option_name, option_spelling
 from layertap.hashing import file_sha256
 
 
@@ -71,7 +71,7 @@ def check_seed(seed: int) -> int:
         3
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
-        raise LayertapError(f"--seed must be a whole number from 0 to {2**64 - 1}, got {seed}")
+        raise LayertapError(f"{option_name('seed')} must be a whole number from 0 to {2**64 - 1}, got {seed}")
     return int(seed)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from layertap.errors import LayertapError
+from layertap.errors import LayertapError, option_name
 from layertap.store.files import SHARDS
 
 
@@ -32,9 +32,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
-        raise LayertapError(f"--shard must look like i/n (0-based), e.g. 0/4; got '{text}'") from None
+        raise LayertapError(f"{option_name('shard')} must look like i/n (0-based), e.g. 0/4; got '{text}'") from None
     if n < 1 or not 0 <= i < n:
-        raise LayertapError(f"--shard {text}: i must be in 0..n-1")
+        raise LayertapError(f"{option_name('shard')} {text}: i must be in 0..n-1")
     return i, n
 
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from layertap._version import __version__
-from layertap.errors import LayertapError, StorageError, option_spelling
+from layertap.errors import LayertapError, StorageError, option_name, option_spelling
 from layertap.store.blocks import fit_chunk_rows, rows_for_bytes
 from layertap.store.chunks import chunk_crc, chunk_key, zarr_create, zarr_open
 from layertap.store.files import (
@@ -98,7 +98,7 @@ class RunWriter:
         except OSError:
             self._lock.close()
             raise StorageError(
-                f"another layertap process is writing to {self.path}; wait for it to finish or choose another --out") from None
+                f"another layertap process is writing to {self.path}; wait for it to finish or choose another {option_name('out')}") from None
         self.already_complete = False
         #: the run's manifest: None until an unfinished or complete run is found, or :meth:`begin` is called
         self.manifest: Manifest | None = None
@@ -118,7 +118,7 @@ class RunWriter:
                 diff = spec_diff(old.spec, spec)
                 raise LayertapError(
                     f"{self.path} holds a different run (differs in: {', '.join(diff) or 'format'}); "
-                    "pass --overwrite to replace it or choose another --out"
+                    f"pass {option_spelling('overwrite')} to replace it or choose another {option_name('out')}"
                 )
             self.manifest, self._found = old, True
             if old.complete:
