@@ -241,7 +241,7 @@ class ImageSet:
         """
         rows = self.row_batches(transform)
         if rows is not None:
-            return _row_loader(rows, len(self), batch_size, start, workers, pin_memory)
+            return _loader(rows, len(self), batch_size, start, workers, pin_memory, whole_batches=True)
         return iter_batches(
             self.paths,
             transform,
@@ -546,46 +546,42 @@ def iter_batches(
         >>> for batch in iter_batches(paths, model.transform, 64, workers=0):  # doctest: +SKIP
         ...     feats = model.module(batch.images)
     """
-    dataset = _Decoded(paths, transform, exif_transpose, draft)
-    indices = range(start, len(paths))
-    nw = default_workers() if workers is None else workers
+    return _loader(_Decoded(paths, transform, exif_transpose, draft), len(paths), batch_size, start, workers, pin_memory)
+
+
+def _loader(
+    dataset: torch.utils.data.Dataset,
+    n: int,
+    batch_size: int,
+    start: int,
+    workers: int | None,
+    pin_memory: bool,
+    *,
+    whole_batches: bool = False,
+) -> Iterator[Batch]:
+    """Rows ``start:n`` of ``dataset`` in batches of ``batch_size`` row indices, decoded in ``workers`` processes,
+    in order (batch k always holds the same rows). ``whole_batches``: the dataset's item is a whole batch of
+    row indices (videos, arrays: one decoding pass per batch), else one row."""
+    batches = [list(range(lo, min(lo + batch_size, n))) for lo in range(start, n, batch_size)]
+    nw = min(default_workers() if workers is None else workers, len(batches))
+    sampling: dict[str, Any] = {"batch_size": None, "sampler": batches} if whole_batches else {"batch_sampler": batches}
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices),
-        batch_size=batch_size,
-        shuffle=False,
+        dataset,
         num_workers=nw,
         collate_fn=_collate,
         pin_memory=pin_memory,
         # Two batches ahead per worker absorb slow images when decoding is as costly as the model;
         # more only costs memory.
         prefetch_factor=2 if nw > 0 else None,
+        **sampling,
     )
-
     # Forked workers share the heap copy-on-write; frozen objects are never touched by their garbage
     # collector (~70 MB less per worker). Unfrozen as soon as the workers exist: the caller's own
     # garbage stays collectable.
     gc.collect()
     gc.freeze()
     try:
-        batches = iter(loader)  # forks the workers
+        batches_iter = iter(loader)  # forks the workers
     finally:
         gc.unfreeze()
-    yield from batches
-
-
-def _row_loader(
-    dataset: torch.utils.data.Dataset, n: int, batch_size: int, start: int, workers: int | None, pin_memory: bool
-) -> Iterator[Batch]:
-    """A DataLoader handing ``dataset`` whole batches of row indices (one decoding pass per batch)."""
-    batches = [list(range(lo, min(lo + batch_size, n))) for lo in range(start, n, batch_size)]
-    nw = min(default_workers() if workers is None else workers, len(batches))
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        sampler=batches,
-        num_workers=nw,
-        collate_fn=_collate,
-        pin_memory=pin_memory,
-        prefetch_factor=2 if nw > 0 else None,
-    )
-    yield from loader
+    yield from batches_iter

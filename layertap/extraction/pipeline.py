@@ -336,9 +336,10 @@ def extract(
             ``torch.autocast``: for GPUs; it changes the numbers (~1e-2 relative).
         backend: what runs the float32 forward on the CPU: ``"torch"``, or an exact inference
             engine, ``"onnxruntime"`` or ``"openvino"`` (``pip install 'layertap[cpu]'``; faster
-            where the engine's kernels beat torch's, see the README's speed section; equal to torch to float32 rounding; the export is cached on disk, see
-            :mod:`layertap.extraction.engines`). ``"auto"`` (default) takes an installed engine on
-            a CPU for jobs of 256 images or more, torch otherwise and always on CUDA/MPS. Part of
+            where the engine's kernels beat torch's: see the README's speed section), equal to torch to
+            float32 rounding; the export is cached on disk (see :mod:`layertap.extraction.engines`).
+            ``"auto"`` (default) takes an installed engine on a CPU for jobs of 256 images or more,
+            torch otherwise and always on CUDA/MPS. Part of
             the job: a resume with another backend is refused. What an engine cannot export or
             run falls back to torch with one warning, recorded in the manifest (``backend``).
         shard: ``(i, n)`` or ``"i/n"`` extracts the i-th of n disjoint slices (cut at batch
@@ -867,12 +868,13 @@ def warn_values(values: dict[str, Any], dtype: str) -> None:
         if n:
             log.warning(
                 "layer %s: %d values overflowed to inf in %s storage (%d images; finite in float32); "
-                "use %s or bfloat16 to keep them",
+                "use %s or %s to keep them",
                 layer,
                 n,
                 dtype,
                 values["overflow_images"][layer],
                 option_spelling("dtype", "float32"),
+                option_spelling("dtype", "bfloat16"),
             )
 
 
